@@ -1,0 +1,304 @@
+"""The SWA-MLA model configuration shared by both backends (SPEC.md section 1).
+
+One frozen dataclass, validated once when built. Field names are exactly those of the portable
+``config.json``; unknown keys are errors, never silently dropped. Presets are small JSON files under
+``configs/`` (``tiny``, ``small``, ``base``, ``large``, ``xl``; ``medium`` is an alias of ``base``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+ARCHITECTURE = "SWAMLA"
+FORMAT_VERSION = 1
+
+# configs/ at the repository root; also shipped inside the package for pip installs.
+_PRESET_DIRS = (
+    Path(__file__).resolve().parent.parent / "configs",
+    Path(__file__).resolve().parent / "presets",
+)
+PRESET_ALIASES = {"medium": "base"}
+PRESETS = ("tiny", "small", "base", "large", "xl")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot describe a valid SWA-MLA model."""
+
+
+class BlockKind(enum.Enum):
+    SWA = "swa"
+    MLA = "mla"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of an SWA-MLA model; see SPEC.md section 1 for each field."""
+
+    n_layer: int = 12
+    n_head: int = 16
+    n_embd: int = 1024
+    vocab_size: int = 50304
+    block_size: int = 2048
+    ratio_kv: int = 1
+    bias: bool = False
+    dropout: float = 0.0
+    use_dyt: bool = False
+    dyt_alpha_init: float = 0.5
+    norm_eps: float = 1e-6
+    swa_layers_per_cycle: int = 2
+    mla_layers_per_cycle: int = 1
+    swa_window: int = 256
+    swa_sink_size: int = 4
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    mla_norm: str = "layernorm"
+    mlp_hidden_dim: int | None = None  # None: 4 * n_embd, resolved in __post_init__
+    label_smoothing: float = 0.0
+    init_std: float = 0.02
+    logit_scale_base: float | None = None
+    logit_scale_window: int = 2048
+    logit_scale_offset: int = 0
+    logit_scale_min: float = 1.0
+    logit_scale_max: float = 4.0
+    apply_logit_scale_during_training: bool = False
+
+    def __post_init__(self):
+        if self.mlp_hidden_dim is None:
+            object.__setattr__(self, "mlp_hidden_dim", 4 * self.n_embd)
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
+        self._validate()
+
+    def __hash__(self):  # rope_scaling is a dict; hash the JSON form so configs can key caches
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self):
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "ratio_kv",
+                     "swa_window", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                     "v_head_dim", "mlp_hidden_dim", "logit_scale_window"):
+            _require_int(self, name, minimum=1)
+        for name in ("swa_sink_size", "q_lora_rank", "swa_layers_per_cycle",
+                     "mla_layers_per_cycle", "logit_scale_offset"):
+            _require_int(self, name, minimum=0)
+        for name in ("bias", "use_dyt", "apply_logit_scale_during_training"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.swa_layers_per_cycle + self.mla_layers_per_cycle == 0:
+            raise ConfigError("swa_layers_per_cycle + mla_layers_per_cycle must be >= 1: "
+                              "the block cycle is empty")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.ratio_kv:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by ratio_kv "
+                              f"({self.ratio_kv}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ConfigError(f"SWA head dim n_embd / n_head = {self.head_dim} must be even "
+                              "(RoPE rotates pairs)")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
+                              "(RoPE rotates pairs)")
+        _require_float(self, "dropout", lo=0.0, hi=1.0, hi_open=True)
+        _require_float(self, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
+        _require_float(self, "init_std", lo=0.0, lo_open=True)
+        _require_float(self, "norm_eps", lo=0.0, lo_open=True)
+        _require_float(self, "rope_theta", lo=1.0, lo_open=True)
+        _require_float(self, "dyt_alpha_init")
+        if self.mla_norm not in ("layernorm", "rmsnorm"):
+            raise ConfigError(f"mla_norm must be 'layernorm' or 'rmsnorm', got {self.mla_norm!r}")
+        if self.rope_scaling is not None:
+            if set(self.rope_scaling) != {"type", "factor"} or self.rope_scaling["type"] != "linear":
+                raise ConfigError("rope_scaling must be null or {\"type\": \"linear\", \"factor\": f}, "
+                                  f"got {self.rope_scaling!r}")
+            factor = self.rope_scaling["factor"]
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ConfigError(f"rope_scaling.factor must be a positive number, got {factor!r}")
+        if self.logit_scale_base is not None:
+            _require_float(self, "logit_scale_base", lo=1.0, lo_open=True)
+            _require_float(self, "logit_scale_min", lo=0.0, lo_open=True)
+            _require_float(self, "logit_scale_max", lo=0.0, lo_open=True)
+            if self.logit_scale_min > self.logit_scale_max:
+                raise ConfigError(f"logit_scale_min ({self.logit_scale_min}) must be <= "
+                                  f"logit_scale_max ({self.logit_scale_max})")
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_head_kv(self) -> int:
+        return self.n_head // self.ratio_kv
+
+    @property
+    def cycle(self) -> tuple[BlockKind, ...]:
+        """One repeat of the block pattern (SPEC section 2)."""
+        return ((BlockKind.SWA,) * self.swa_layers_per_cycle
+                + (BlockKind.MLA,) * self.mla_layers_per_cycle)
+
+    @property
+    def block_kinds(self) -> tuple[BlockKind, ...]:
+        """Kind of layer i: SWA iff i mod (S + M) < S."""
+        cycle = self.cycle
+        return tuple(cycle[i % len(cycle)] for i in range(self.n_layer))
+
+    @property
+    def n_cycles(self) -> int:
+        """Number of whole cycle repeats (the scanned part); the rest of the layers are unrolled."""
+        return self.n_layer // len(self.cycle)
+
+    @property
+    def rope_factor(self) -> float:
+        return float(self.rope_scaling["factor"]) if self.rope_scaling else 1.0
+
+    @property
+    def mla_qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    # ---------------------------------------------------------------- (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The portable ``config.json`` content (SPEC section 7)."""
+        return {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, **self.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "ModelConfig":
+        data = dict(data)
+        arch = data.pop("architecture", ARCHITECTURE)
+        if arch != ARCHITECTURE:
+            raise ConfigError(f"{source}: architecture is {arch!r}, expected {ARCHITECTURE!r}")
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{source}: format_version {version!r} is not supported "
+                              f"(this code reads version {FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown config field(s) {unknown}; "
+                              f"valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **overrides) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields are {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object of config fields")
+        return cls.from_dict(data, source=str(path))
+
+
+def _require_int(cfg, name, minimum):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _require_float(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ConfigError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def preset_path(name: str) -> Path:
+    name = PRESET_ALIASES.get(name, name)
+    for d in _PRESET_DIRS:
+        p = d / f"{name}.json"
+        if p.is_file():
+            return p
+    raise ConfigError(f"unknown preset {name!r}; choose one of {list(PRESETS)} "
+                      f"(or 'medium', an alias of 'base'), or pass a config file path")
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    """A preset from ``configs/`` with fields overridden by name."""
+    cfg = ModelConfig.load(preset_path(name))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def resolve_config(spec: "str | Path | ModelConfig | Mapping", **overrides) -> ModelConfig:
+    """A config from a preset name, a JSON file (or checkpoint directory), a dict or a config."""
+    if isinstance(spec, ModelConfig):
+        cfg = spec
+    elif isinstance(spec, Mapping):
+        cfg = ModelConfig.from_dict(spec)
+    elif isinstance(spec, (str, Path)) and (Path(spec).suffix == ".json" or Path(spec).is_dir()):
+        cfg = ModelConfig.load(spec)
+    elif isinstance(spec, str):
+        cfg = load_preset(spec)
+    else:
+        raise ConfigError(f"cannot build a config from {spec!r}")
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """True parameter count, the tied embedding counted once (what MFU uses)."""
+    C, h, b = cfg.n_embd, cfg.mlp_hidden_dim, int(cfg.bias)
+    lin = lambda n_in, n_out: n_in * n_out + b * n_out  # noqa: E731
+    norm = (2 * C + 1) if cfg.use_dyt else C
+    mlp = lin(C, 2 * h) + lin(h, C)
+    kv = cfg.n_head_kv * cfg.head_dim
+    swa = 2 * norm + lin(C, C) + 2 * lin(C, kv) + lin(C, C) + mlp
+    H, dqk, dv, r, dr = cfg.n_head, cfg.mla_qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    lat_norm = (lambda n: 2 * n) if cfg.mla_norm == "layernorm" else (lambda n: n)
+    if cfg.q_lora_rank:
+        q = lin(C, cfg.q_lora_rank) + lat_norm(cfg.q_lora_rank) + lin(cfg.q_lora_rank, H * dqk)
+    else:
+        q = lin(C, H * dqk)
+    mla = 2 * norm + q + lin(C, r + dr) + lat_norm(r) + lin(r, H * (cfg.qk_nope_head_dim + dv)) \
+        + lin(H * dv, C) + mlp
+    blocks = sum(swa if k is BlockKind.SWA else mla for k in cfg.block_kinds)
+    return cfg.vocab_size * C + blocks + norm
+
+
+def check_token_ids(idx, vocab_size: int) -> None:
+    """Raise if any token id lies outside [0, vocab_size) (JAX gathers would clamp silently)."""
+    import numpy as np
+
+    arr = np.asarray(idx)
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size), got min {lo} "
+                         f"max {hi}: the data was tokenized for a different vocabulary")
+
+
+def check_sequence_length(T: int, block_size: int) -> None:
+    if T > block_size:
+        raise ValueError(f"sequence length {T} exceeds block_size {block_size}; "
+                         "shorten the input or build the model with a larger block_size")

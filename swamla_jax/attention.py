@@ -1,0 +1,123 @@
+"""SWA and MLA attention of SWA-MLA in Flax (SPEC.md section 3).
+
+Shapes: B batch, T query time, S key time, C model width, H query heads, K kv heads,
+G = H / K heads per kv group, D head dim, R kv latent rank, N nope dim, E rope dim, V value dim.
+
+Which attention kernel runs is decided in :func:`attention` alone; the blocks only describe the
+mask (causal, window, sink).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from swamla.config import ModelConfig
+from swamla_jax.layers import Dtype, Linear, apply_rope, f32, latent_norm, logit_scale
+
+
+def visible_mask(T: int, S: int, window: int | None, sink: int) -> jax.Array:
+    """(T, S) bool: query i sees key j iff j <= i and (i - j < window or j < sink) (SPEC 3.1).
+
+    Queries are the last T of the S key positions (S == T without a cache).
+    """
+    i = jnp.arange(S - T, S)[:, None]
+    j = jnp.arange(S)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= (i - j < window) | (j < sink)
+    return mask
+
+
+def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
+              dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+    """Causal (optionally windowed + sink) attention; q (B,T,H,D), k (B,S,K,D), v (B,S,K,V).
+
+    Reference path: explicit float32 scores and softmax, exact to the SPEC on any backend.
+    """
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)  # head h reads kv head h // G
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=f32) * scale
+    scores = jnp.where(visible_mask(T, S, window, sink), scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs.astype(v.dtype), v)
+    return out.reshape(B, T, H, v.shape[-1])
+
+
+class SWAttention(nn.Module):
+    """Sliding-window attention with an attention sink, RoPE and grouped-query heads (SPEC 3.1)."""
+
+    cfg: ModelConfig
+    dtype: Dtype = f32
+    deterministic: bool = True
+    dot_general: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x, rope, positions):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, K, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
+                   dot_general=self.dot_general)
+        q = Linear(H * D, ("embed", "q_heads"), name="q_proj", **lin)(x).reshape(B, T, H, D)
+        k = Linear(K * D, ("embed", "kv_heads"), name="k_proj", **lin)(x).reshape(B, T, K, D)
+        v = Linear(K * D, ("embed", "kv_heads"), name="v_proj", **lin)(x).reshape(B, T, K, D)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cfg.logit_scale_base is not None and (self.deterministic
+                                                 or cfg.apply_logit_scale_during_training):
+            q = (q.astype(f32) * logit_scale(cfg, positions)[:, None, None]).astype(q.dtype)
+        y = attention(q, k, v, scale=D ** -0.5, window=cfg.swa_window, sink=cfg.swa_sink_size,
+                      **_dropout(self, cfg))
+        y = Linear(C, ("q_heads", "embed"), name="o_proj", **lin)(y.reshape(B, T, H * D))
+        return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention, expanded form (SPEC 3.2)."""
+
+    cfg: ModelConfig
+    dtype: Dtype = f32
+    deterministic: bool = True
+    dot_general: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x, rope, positions):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, dn, dv, r = cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        dqk, dr = cfg.mla_qk_head_dim, cfg.qk_rope_head_dim
+        lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
+                   dot_general=self.dot_general)
+        if cfg.q_lora_rank:
+            q = Linear(cfg.q_lora_rank, ("embed", "q_lora"), name="wq_a", **lin)(x)
+            q = latent_norm(cfg, self.dtype, "q_norm")(q)
+            q = Linear(H * dqk, ("q_lora", "q_heads"), name="wq_b", **lin)(q)
+        else:
+            q = Linear(H * dqk, ("embed", "q_heads"), name="wq", **lin)(x)
+        q = q.reshape(B, T, H, dqk)
+        cos, sin = rope
+        q = jnp.concatenate((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), axis=-1)
+        latent = Linear(r + dr, ("embed", "kv_lora"), name="wkv_a", **lin)(x)  # (B, T, R+E)
+        c = latent_norm(cfg, self.dtype, "kv_norm")(latent[..., :r])  # (B, T, R)
+        k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): shared by all heads
+        kv = Linear(H * (dn + dv), ("kv_lora", "q_heads"), name="wkv_b", **lin)(c)
+        kv = kv.reshape(B, T, H, dn + dv)
+        k = jnp.concatenate((kv[..., :dn], jnp.broadcast_to(k_pe, (B, T, H, dr))), axis=-1)
+        v = kv[..., dn:]  # (B, T, H, V)
+        y = attention(q, k, v, scale=dqk ** -0.5, **_dropout(self, cfg))
+        y = Linear(C, ("q_heads", "embed"), name="wo", **lin)(y.reshape(B, T, H * dv))
+        return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+
+
+def _dropout(module: nn.Module, cfg: ModelConfig) -> dict:
+    if module.deterministic or cfg.dropout == 0.0:
+        return {}
+    return {"dropout_rate": cfg.dropout, "dropout_rng": module.make_rng("dropout")}

@@ -1,0 +1,172 @@
+"""Linear, embedding, norms, RoPE and the SwiGLU MLP of SWA-MLA in Flax (SPEC.md 3 and 4).
+
+Shapes: B batch, T time, C model width, H heads, D head dim, P = D/2 rotation pairs, F hidden.
+
+Every parameter names its logical axes; how they map to mesh axes is decided by the trainer's
+sharding rules, never here. Kernels are stored ``[in, out]`` (the transpose of PyTorch's).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from swamla.config import ModelConfig
+
+Dtype = Any
+f32 = jnp.float32
+
+
+def _param(module, name, init, axes, shape, dtype=f32):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """``y = x W (+ b)`` in the compute dtype; ``dot_general`` is the hook FP8 plugs into."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Dtype = f32
+    dot_general: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", nn.initializers.normal(self.init_std), self.axes,
+                        (x.shape[-1], self.features))
+        dot = self.dot_general or lax.dot_general
+        y = dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                (((x.ndim - 1,), (0,)), ((), ())))
+        if self.use_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.axes[1],),
+                           (self.features,)).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Token embedding, also the tied output head (SPEC 2)."""
+
+    num_embeddings: int
+    features: int
+    init_std: float = 0.02
+    dtype: Dtype = f32
+
+    def setup(self):
+        self.embedding = _param(self, "embedding", nn.initializers.normal(self.init_std),
+                                ("vocab", "embed"), (self.num_embeddings, self.features))
+
+    def __call__(self, idx):
+        return jnp.take(self.embedding, idx, axis=0).astype(self.dtype)  # (B, T, C)
+
+    def attend(self, x):
+        """Logits in float32: the products accumulate and come out in float32 (SPEC 5)."""
+        return jnp.einsum("BTC,VC->BTV", x, self.embedding.astype(self.dtype),
+                          preferred_element_type=f32)
+
+
+class RMSNorm(nn.Module):
+    """``w * x * rsqrt(mean(x^2) + eps)`` in float32, cast to the compute dtype."""
+
+    eps: float
+    dtype: Dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        w = _param(self, "weight", nn.initializers.ones, ("norm",), (x.shape[-1],))
+        xf = x.astype(f32)
+        y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (w * y).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Standard LayerNorm (eps 1e-5) in float32; names match PyTorch (``weight``, ``bias``)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        n = x.shape[-1]
+        w = _param(self, "weight", nn.initializers.ones, ("norm",), (n,))
+        b = _param(self, "bias", nn.initializers.zeros, ("norm",), (n,))
+        xf = x.astype(f32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        return ((xf - mean) * lax.rsqrt(var + self.eps) * w + b).astype(self.dtype)
+
+
+class DynamicTanh(nn.Module):
+    """DyT (Zhu et al. 2025): ``tanh(alpha * x) * w + b`` with a learned scalar alpha."""
+
+    alpha_init: float
+    dtype: Dtype = f32
+
+    @nn.compact
+    def __call__(self, x):
+        n = x.shape[-1]
+        alpha = _param(self, "alpha", nn.initializers.constant(self.alpha_init), (), ())
+        w = _param(self, "weight", nn.initializers.ones, ("norm",), (n,))
+        b = _param(self, "bias", nn.initializers.zeros, ("norm",), (n,))
+        return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(self.dtype)
+
+
+def block_norm(cfg: ModelConfig, dtype, name: str) -> nn.Module:
+    if cfg.use_dyt:
+        return DynamicTanh(cfg.dyt_alpha_init, dtype=dtype, name=name)
+    return RMSNorm(cfg.norm_eps, dtype=dtype, name=name)
+
+
+def latent_norm(cfg: ModelConfig, dtype, name: str) -> nn.Module:
+    """Norm on MLA latents: LayerNorm, or DeepSeek's weight-only RMSNorm."""
+    if cfg.mla_norm == "layernorm":
+        return LayerNorm(dtype=dtype, name=name)
+    return RMSNorm(cfg.norm_eps, dtype=dtype, name=name)
+
+
+def rope_tables(dim: int, positions: jax.Array, theta: float, factor: float):
+    """cos/sin of ``a = (t / factor) * theta ** (-2p / dim)``, float32, each (T, P)."""
+    inv_freq = theta ** (-jnp.arange(0, dim, 2, dtype=f32) / dim)
+    angles = (positions.astype(f32) / factor)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs ``(x[2p], x[2p+1])`` of x (B, T, H, D) in float32 (SPEC 3)."""
+    xf = x.astype(f32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, P)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, P)
+    out = jnp.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def logit_scale(cfg: ModelConfig, positions: jax.Array) -> jax.Array:
+    """Per-position query scale for long context (SPEC 3.1), float32 (T,)."""
+    base = cfg.logit_scale_base
+    steps = jnp.floor((positions.astype(f32) + cfg.logit_scale_offset) / cfg.logit_scale_window)
+    scale = jnp.log(base + steps) / math.log(base)
+    return jnp.clip(scale, cfg.logit_scale_min, cfg.logit_scale_max)
+
+
+class SwiGLU(nn.Module):
+    """``(silu(gate) * up) W_down`` with up and gate from one fused projection (SPEC 4)."""
+
+    cfg: ModelConfig
+    dtype: Dtype = f32
+    deterministic: bool = True
+    dot_general: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, h = self.cfg, self.cfg.mlp_hidden_dim
+        lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
+                   dot_general=self.dot_general)
+        gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", **lin)(x)  # (B, T, 2F)
+        up, gate = gu[..., :h], gu[..., h:]
+        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(nn.silu(gate) * up)
+        return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

@@ -1,0 +1,16 @@
+"""SWA-MLA in PyTorch: the reference model and (later) its trainer.
+
+Public API, mirrored by ``swamla_jax``::
+
+    model = swamla_torch.from_config("tiny", seed=0)        # SPEC 6 random init
+    logits, loss = model(idx, targets)
+    swamla_torch.save_pretrained(model, "ckpt/")             # portable safetensors + config.json
+    model = swamla_torch.load_pretrained("ckpt/")
+"""
+
+from swamla_torch.convert import (from_config, load_native, load_pretrained, save_native,
+                                  save_pretrained)
+from swamla_torch.model import SWAMLA, cross_entropy
+
+__all__ = ["SWAMLA", "cross_entropy", "from_config", "load_native", "load_pretrained",
+           "save_native", "save_pretrained"]

@@ -1,0 +1,124 @@
+"""The SWA-MLA language model in PyTorch (SPEC.md sections 2, 5 and 6).
+
+Shapes: B batch, T time, C model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
+from swamla_torch.attention import MLAttention, SWAttention
+from swamla_torch.layers import DynamicTanh, RMSNorm, SwiGLU, block_norm, rope_tables
+
+IGNORE_INDEX = -100
+
+
+class SWABlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = (
+            block_norm(cfg), SWAttention(cfg), block_norm(cfg), SwiGLU(cfg))
+
+    def forward(self, x, ropes, positions):
+        x = x + self.attn(self.norm1(x), ropes[BlockKind.SWA], positions)
+        return x + self.mlp(self.norm2(x))
+
+
+class MLABlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = (
+            block_norm(cfg), MLAttention(cfg), block_norm(cfg), SwiGLU(cfg))
+
+    def forward(self, x, ropes, positions):
+        x = x + self.attn(self.attn_norm(x), ropes[BlockKind.MLA], positions)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
+    """Mean token cross entropy over targets != -100, float32 (SPEC 5).
+
+    With smoothing eps the target class gets weight 1 - eps and every other class eps / (V - 1)
+    (torch's built-in smoothing spreads eps / V over all classes, target included, so it is not
+    used here).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)
+    tgt = logp.gather(-1, safe[..., None])[..., 0]
+    loss = -tgt
+    if label_smoothing > 0.0:
+        V = logits.shape[-1]
+        others = logp.sum(-1) - tgt
+        loss = -(1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * others
+    loss = torch.where(valid, loss, 0.0)
+    return loss.sum() / valid.sum().clamp(min=1)
+
+
+class SWAMLA(nn.Module):
+    """Token ids (B, T) -> logits (B, T, V) and, given targets, the mean loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        # The trainer checks batches on the host and turns this off to avoid a device sync a step.
+        self.check_inputs = True
+        blocks = [SWABlock(cfg) if kind is BlockKind.SWA else MLABlock(cfg)
+                  for kind in cfg.block_kinds]
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(blocks),
+            ln_f=block_norm(cfg),
+        ))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """SPEC 6: linear weights and embedding ~ N(0, init_std); biases 0; norms 1 / 0."""
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, DynamicTanh):
+                m.alpha.fill_(cfg.dyt_alpha_init)
+                m.weight.fill_(1.0)
+                m.bias.fill_(0.0)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        cfg = self.config
+        B, T = idx.shape
+        check_sequence_length(T, cfg.block_size)
+        if self.check_inputs:
+            check_token_ids(idx.detach().cpu().numpy(), cfg.vocab_size)
+        positions = torch.arange(T, device=idx.device)
+        ropes = {
+            BlockKind.SWA: rope_tables(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_factor),
+            BlockKind.MLA: rope_tables(cfg.qk_rope_head_dim, positions, cfg.rope_theta,
+                                       cfg.rope_factor),
+        }
+        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes, positions, use_reentrant=False)
+            else:
+                x = block(x, ropes, positions)
+        x = self.transformer.ln_f(x)
+        logits = x @ self.transformer.wte.weight.to(x.dtype).T  # (B, T, V), tied head
+        loss = None
+        if targets is not None:
+            loss = cross_entropy(logits, targets, cfg.label_smoothing)
+        return logits, loss
