@@ -17,11 +17,8 @@ from typing import Any, Mapping
 ARCHITECTURE = "SWAMLA"
 FORMAT_VERSION = 1
 
-# configs/ at the repository root; also shipped inside the package for pip installs.
-_PRESET_DIRS = (
-    Path(__file__).resolve().parent.parent / "configs",
-    Path(__file__).resolve().parent / "presets",
-)
+# configs/ at the repository root (the package is installed editable, see README).
+_PRESET_DIRS = (Path(__file__).resolve().parent.parent / "configs",)
 PRESET_ALIASES = {"medium": "base"}
 PRESETS = ("tiny", "small", "base", "large", "xl")
 
@@ -62,7 +59,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     mla_norm: str = "layernorm"
-    mlp_hidden_dim: int | None = None  # None: 4 * n_embd, resolved in __post_init__
+    mlp_hidden_dim: int | None = None  # None (null in config.json): 4 * n_embd, see mlp_hidden
     label_smoothing: float = 0.0
     init_std: float = 0.02
     logit_scale_base: float | None = None
@@ -73,8 +70,6 @@ class ModelConfig:
     apply_logit_scale_during_training: bool = False
 
     def __post_init__(self):
-        if self.mlp_hidden_dim is None:
-            object.__setattr__(self, "mlp_hidden_dim", 4 * self.n_embd)
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
         self._validate()
@@ -86,11 +81,13 @@ class ModelConfig:
     def _validate(self):
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "ratio_kv",
                      "swa_window", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                     "v_head_dim", "mlp_hidden_dim", "logit_scale_window"):
+                     "v_head_dim", "logit_scale_window"):
             _require_int(self, name, minimum=1)
         for name in ("swa_sink_size", "q_lora_rank", "swa_layers_per_cycle",
                      "mla_layers_per_cycle", "logit_scale_offset"):
             _require_int(self, name, minimum=0)
+        if self.mlp_hidden_dim is not None:
+            _require_int(self, "mlp_hidden_dim", minimum=1)
         for name in ("bias", "use_dyt", "apply_logit_scale_during_training"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -135,6 +132,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU hidden width: ``mlp_hidden_dim``, or 4 * n_embd when unset (so it follows an
+        overridden n_embd)."""
+        return self.mlp_hidden_dim if self.mlp_hidden_dim is not None else 4 * self.n_embd
 
     @property
     def n_head_kv(self) -> int:
@@ -267,7 +270,7 @@ def resolve_config(spec: "str | Path | ModelConfig | Mapping", **overrides) -> M
 
 def count_params(cfg: ModelConfig) -> int:
     """True parameter count, the tied embedding counted once (what MFU uses)."""
-    C, h, b = cfg.n_embd, cfg.mlp_hidden_dim, int(cfg.bias)
+    C, h, b = cfg.n_embd, cfg.mlp_hidden, int(cfg.bias)
     lin = lambda n_in, n_out: n_in * n_out + b * n_out  # noqa: E731
     norm = (2 * C + 1) if cfg.use_dyt else C
     mlp = lin(C, 2 * h) + lin(h, C)

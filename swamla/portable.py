@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name of SPEC section 7 for ``cfg``, with its shape."""
-    C, h = cfg.n_embd, cfg.mlp_hidden_dim
+    C, h = cfg.n_embd, cfg.mlp_hidden
     shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (cfg.vocab_size, C)}
 
     def linear(name, n_out, n_in):
@@ -122,7 +122,8 @@ def save_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: s
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32).astype(_DTYPES[dtype]))
+        # .copy(order="C") rather than np.ascontiguousarray, which turns a 0-d DyT alpha into 1-d.
+        arrays = {k: np.asarray(v, dtype=np.float32).astype(_DTYPES[dtype]).copy(order="C")
                   for k, v in tensors.items()}
         shards = _split_shards(arrays, max_shard_bytes)
         meta = {"format": "pt", "swamla_format_version": "1"}

@@ -61,7 +61,7 @@ def _portable_name(i: int, inner: list[str], leaf: str) -> str:
 
 
 def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
-    return np.ascontiguousarray(value.T) if leaf == "kernel" else value
+    return value.T.copy(order="C") if leaf == "kernel" else value
 
 
 def from_portable_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], template) -> Any:

@@ -163,7 +163,7 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg, h = self.cfg, self.cfg.mlp_hidden_dim
+        cfg, h = self.cfg, self.cfg.mlp_hidden
         lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
                    dot_general=self.dot_general)
         gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", **lin)(x)  # (B, T, 2F)

@@ -84,9 +84,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.hidden = cfg.mlp_hidden_dim
-        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden_dim, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.mlp_hidden_dim, cfg.n_embd, bias=cfg.bias)
+        self.hidden = cfg.mlp_hidden
+        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
