@@ -1,0 +1,112 @@
+"""The data-pipeline configuration and its error type.
+
+``DataConfig`` is frozen and validated once in ``__post_init__``; unknown keys given to
+``from_dict``/``replace`` are errors naming the key. See ``swamla/data/README_SECTION.md`` for the
+meaning of each source and how the train/validation split is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+SOURCES = ("fineweb-edu", "files", "shards")
+TEXT_UNITS = ("document", "paragraph", "line")
+
+
+class DataError(ValueError):
+    """Data that cannot be read as configured; the message names the file or field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is split, tokenized and prefetched.
+
+    source: ``fineweb-edu`` (streamed from the hub), ``files`` (local .txt/.jsonl/.parquet files or
+        globs in ``train_paths``) or ``shards`` (directories or ``.bin`` files written by
+        ``python -m swamla.data.prepare``).
+    val_paths: explicit validation data of the same kind; when empty the validation split is the
+        documents whose stable text hash falls below ``val_fraction`` (shards: the ``val_*.bin``
+        files that ``prepare`` wrote beside the train shards).
+    text_unit: what one document is in a ``.txt`` file: the whole file, a blank-line separated
+        paragraph, or a line.
+    streaming: read local files through ``datasets``' streaming mode (the machinery FineWeb uses)
+        instead of a memory-mapped Arrow table.
+    shuffle: shuffle training documents (text sources) or sequences (shards) each epoch from the
+        loader's seed; validation is never shuffled.
+    shuffle_buffer: buffer size of the streaming shuffle (text order of streamed sources).
+    num_workers: tokenization processes; 0 tokenizes in the loader's background thread.
+    prefetch: batches prepared ahead of the consumer.
+    tokenize_chunk: documents read and tokenized together (batch encoding amortizes overhead).
+    cache_dir: ``datasets`` cache for the Arrow copies of local files (None: its default).
+    """
+
+    source: str = "fineweb-edu"
+    train_paths: tuple[str, ...] = ()
+    val_paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    text_unit: str = "document"
+    dataset_name: str = "HuggingFaceFW/fineweb-edu"
+    dataset_config: str = "CC-MAIN-2024-10"
+    tokenizer_name: str = "openai-community/gpt2"
+    val_fraction: float = 0.005
+    streaming: bool = False
+    shuffle: bool = True
+    shuffle_buffer: int = 10_000
+    num_workers: int = 4
+    prefetch: int = 4
+    tokenize_chunk: int = 512
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("train_paths", "val_paths"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a single path, not a sequence of characters
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise DataError(f"{name} must be a list of path strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if self.source not in SOURCES:
+            raise DataError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.source in ("files", "shards") and not self.train_paths:
+            raise DataError(f"source={self.source!r} needs train_paths (files, globs or shard "
+                            "directories); none were given")
+        if self.text_unit not in TEXT_UNITS:
+            raise DataError(f"text_unit must be one of {list(TEXT_UNITS)}, got {self.text_unit!r}")
+        for name in ("text_field", "dataset_name", "dataset_config", "tokenizer_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise DataError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not 0.0 <= v < 1.0:
+            raise DataError(f"val_fraction must be a number in [0, 1), got {v!r}")
+        for name in ("streaming", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                raise DataError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, minimum in (("num_workers", 0), ("prefetch", 1), ("shuffle_buffer", 1),
+                              ("tokenize_chunk", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise DataError(f"cache_dir must be a path string or null, got {self.cache_dir!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DataConfig":
+        _check_known(data)
+        return cls(**data)
+
+    def replace(self, **overrides) -> "DataConfig":
+        _check_known(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_known(data: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DataError(f"unknown data config field(s) {unknown}; valid fields are {sorted(known)}")

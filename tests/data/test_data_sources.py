@@ -1,0 +1,119 @@
+"""Each text source on small files, the streaming machinery, and every bad-input error."""
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_docs, write_jsonl
+
+from swamla.data import DataConfig, DataError, build_loader
+from swamla.data.sources import is_val_document, open_source
+
+
+def _docs_of(cfg, split="train"):
+    source, hashed = open_source(cfg, split, shuffle=False, seed=0)
+    return [t for _, t in source.iter_epoch(0, 0)
+            if not hashed or is_val_document(t, cfg.val_fraction) == (split == "val")]
+
+
+def _cfg(tmp_path, *paths, **kw):
+    kw = {"val_fraction": 0.0, "shuffle": False, "num_workers": 0,
+          "cache_dir": str(tmp_path / "cache"), **kw}
+    return DataConfig(source="files", train_paths=tuple(str(p) for p in paths), **kw)
+
+
+def test_jsonl_parquet_txt_sources(tmp_path):
+    docs = make_docs(30)
+    write_jsonl(tmp_path / "a.jsonl", docs[:10], field="body")
+    pq.write_table(pa.table({"body": docs[10:20], "id": list(range(10))}), tmp_path / "b.parquet")
+    assert _docs_of(_cfg(tmp_path, tmp_path / "a.jsonl", tmp_path / "b.parquet",
+                         text_field="body")) == docs[:20]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs[20:]))
+    assert _docs_of(_cfg(tmp_path, tmp_path / "c.txt", text_unit="paragraph")) == docs[20:]
+    assert _docs_of(_cfg(tmp_path, tmp_path / "c.txt", text_unit="line"))[0] == docs[20]
+    assert len(_docs_of(_cfg(tmp_path, tmp_path / "c.txt"))) == 1  # one document per file
+    assert _docs_of(_cfg(tmp_path, str(tmp_path / "*.jsonl"), text_field="body")) == docs[:10]
+
+
+def test_streaming_machinery_on_local_jsonl(tmp_path, tokenizer):
+    """FineWeb's code path (datasets streaming + buffer shuffle + skip) on a local file."""
+    docs = make_docs(40)
+    write_jsonl(tmp_path / "s.jsonl", docs)
+    cfg = _cfg(tmp_path, tmp_path / "s.jsonl", streaming=True)
+    assert _docs_of(cfg) == docs
+    source, _ = open_source(cfg.replace(shuffle_buffer=8), "train", shuffle=True, seed=3)
+    e0 = [t for _, t in source.iter_epoch(0, 0)]
+    assert sorted(e0) == sorted(docs) and e0 != docs
+    assert [t for _, t in source.iter_epoch(0, 25)] == e0[25:]  # restart point is exact
+    assert [t for _, t in source.iter_epoch(1, 0)] != e0  # a new order each epoch
+    kw = dict(batch_size=2, block_size=16, seed=1, tokenizer=tokenizer)
+    with build_loader(cfg.replace(shuffle=True, shuffle_buffer=8), **kw) as a:
+        first = [next(a).inputs for _ in range(6)]
+        state = a.state_dict()
+        rest = [next(a).inputs for _ in range(4)]
+    with build_loader(cfg.replace(shuffle=True, shuffle_buffer=8), **kw) as b:
+        b.load_state_dict(state)
+        assert all((x == y).all() for x, y in zip(rest, [next(b).inputs for _ in range(4)]))
+    assert first
+
+
+def test_hash_split_is_disjoint_and_stable(tmp_path):
+    docs = make_docs(400)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    cfg = _cfg(tmp_path, tmp_path / "a.jsonl", val_fraction=0.2)
+    train, val = _docs_of(cfg, "train"), _docs_of(cfg, "val")
+    assert sorted(train + val) == sorted(docs) and not set(train) & set(val)
+    assert 40 < len(val) < 120
+    write_jsonl(tmp_path / "v.jsonl", docs[:5])
+    assert _docs_of(cfg.replace(val_paths=(str(tmp_path / "v.jsonl"),)), "val") == docs[:5]
+
+
+def test_fineweb_offline_error_names_local_options(tokenizer):
+    with pytest.raises(DataError, match="HuggingFaceFW/fineweb-edu.*unreachable.*--source files"
+                                        ".*swamla.data.prepare.*--source shards"):
+        build_loader(DataConfig(), batch_size=1, block_size=8, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: d / "missing.jsonl", r"missing.jsonl does not exist"),
+    (lambda d: str(d / "nope*.jsonl"), r"glob .*nope\*.jsonl.* matches no files"),
+    (lambda d: (d / "empty.jsonl").write_text("") and None or d / "empty.jsonl",
+     r"empty.jsonl is empty"),
+    (lambda d: write_jsonl(d / "body.jsonl", ["x"], field="body"),
+     r"body.jsonl: records have no field 'text' \(fields: \['body'\]\); set text_field"),
+    (lambda d: (d / "bad.txt").write_bytes(b"ok\n\xff\xfe\n") and d / "bad.txt",
+     r"bad.txt: bytes are not valid UTF-8.*re-encode"),
+    (lambda d: (d / "bad.jsonl").write_bytes(b'{"text": "a\xff"}\n') and d / "bad.jsonl",
+     r"bad.jsonl: bytes are not valid UTF-8"),
+    (lambda d: (d / "x.csv").write_text("a,b\n") and d / "x.csv", r"unsupported file type '.csv'"),
+])
+def test_bad_files_raise_clear_errors(tmp_path, tokenizer, setup, message):
+    path = setup(tmp_path)
+    with pytest.raises(DataError, match=message):
+        build_loader(_cfg(tmp_path, path), batch_size=1, block_size=8, tokenizer=tokenizer)
+
+
+def test_streamed_missing_field_and_null_text_surface_from_the_worker(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "body.jsonl", ["x"], field="body")
+    with build_loader(_cfg(tmp_path, tmp_path / "body.jsonl", streaming=True), batch_size=1,
+                      block_size=8, tokenizer=tokenizer) as loader:
+        with pytest.raises(DataError, match="no field 'text'"):
+            next(loader)
+    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    with build_loader(_cfg(tmp_path, tmp_path / "null.jsonl"), batch_size=1, block_size=8,
+                      tokenizer=tokenizer) as loader:
+        with pytest.raises(DataError, match="null.jsonl: record 1 has text=None, not a string"):
+            next(loader)
+
+
+def test_empty_split_is_an_error(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(3))
+    cfg = dataclasses.replace(_cfg(tmp_path, tmp_path / "a.jsonl"), val_fraction=1e-9)
+    with build_loader(cfg, "val", batch_size=1, block_size=8, tokenizer=tokenizer) as loader:
+        with pytest.raises(DataError, match="no documents in the 'val' split"):
+            next(loader)
+    with pytest.raises(DataError, match="split='val' needs validation data"):
+        build_loader(_cfg(tmp_path, tmp_path / "a.jsonl"), "val", batch_size=1, block_size=8,
+                     tokenizer=tokenizer)

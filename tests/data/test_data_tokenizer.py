@@ -1,0 +1,33 @@
+import pytest
+
+from swamla.tokenizer import TokenizerError, bundled_gpt2, hub_reachable, load_tokenizer
+
+
+def test_gpt2_hello_world_both_ways(tokenizer):
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.decode([15496, 995]) == "Hello world"
+    assert tokenizer.eos_id == 50256 and tokenizer.vocab_size == 50257
+
+
+def test_bundled_fallback_matches_and_roundtrips():
+    tok = bundled_gpt2()
+    assert tok.origin.startswith("bundled")
+    text = "Unicode: naïve café — 日本語 <|endoftext|> tabs\tand  spaces\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert 50256 in ids  # the EOS string is one special token
+    assert [a.tolist() for a in tok.encode_batch(["Hello world", "Hi"])] == [[15496, 995],
+                                                                             [17250]]
+
+
+def test_offline_is_fast_and_logged(caplog):
+    assert not hub_reachable()
+    with caplog.at_level("WARNING", logger="swamla.tokenizer"):
+        tok = load_tokenizer("gpt2")
+    assert tok.name == "openai-community/gpt2"
+    assert "bundled" in caplog.text
+
+
+def test_unknown_tokenizer_offline_names_the_fix():
+    with pytest.raises(TokenizerError, match="not a local directory.*HF_HUB_OFFLINE"):
+        load_tokenizer("someone/unknown-tokenizer")
