@@ -1,0 +1,527 @@
+"""The training configuration shared by the JAX and PyTorch trainers, and its command line.
+
+``TrainConfig`` is one frozen dataclass holding the model (``ModelConfig``), the data pipeline
+(``swamla.data.DataConfig``) and the training fields, validated once when built. The command line
+is generated from those three dataclasses: every field is a flag by its own name
+(``--FIELD`` for training fields, ``--model.FIELD`` / ``--data.FIELD`` for the others, and a flat
+``--FIELD`` when the name is unambiguous), plus the small ``SEED_ALIASES`` table that keeps the
+original project's flag names working. Precedence: defaults < ``--config FILE.json`` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from swamla.config import ConfigError, ModelConfig, count_params, preset_path
+
+DEFAULT_SIZE = "small"
+OPTIMIZERS = ("adamw", "lion")
+COMPUTE_DTYPES = ("bfloat16", "float32")
+# JAX rematerialisation policies (jax.checkpoint_policies); PyTorch checkpoints whole blocks for
+# any policy other than "none".
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+# The original project's flag names that are not a field's own name (or that must keep pointing at
+# the model even if DataConfig grows a field of the same name).
+SEED_ALIASES = {
+    "block_size": "model.block_size",
+    "dropout": "model.dropout",
+    "swa_layers_per_cycle": "model.swa_layers_per_cycle",
+    "mla_layers_per_cycle": "model.mla_layers_per_cycle",
+    "swa_window": "model.swa_window",
+    "swa_sink_size": "model.swa_sink_size",
+    "mla_q_lora_rank": "model.q_lora_rank",
+    "mla_kv_lora_rank": "model.kv_lora_rank",
+    "mla_qk_nope_head_dim": "model.qk_nope_head_dim",
+    "mla_qk_rope_head_dim": "model.qk_rope_head_dim",
+    "mla_v_head_dim": "model.v_head_dim",
+    "tokenizer_name": "data.tokenizer_name",
+    "num_workers": "data.num_workers",
+}
+
+
+def data_config_class() -> type:
+    """``swamla.data.DataConfig``, imported on first use so importing this module stays light."""
+    return importlib.import_module("swamla.data").DataConfig
+
+
+def _f(default, group: str, help: str, **kw):
+    """A training field: its default, its group in --help / the README, and a one-line help."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; see swamla/README_TRAIN_FLAGS.md for each field."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: load_model(DEFAULT_SIZE))
+    data: Any = dataclasses.field(default_factory=lambda: data_config_class()())
+    # ---- batch and length of training
+    batch_size: int = _f(8, "batch", "micro-batch per device (PyTorch: per rank); global batch = "
+                         "batch_size * data-parallel devices * gradient_accumulation_steps")
+    gradient_accumulation_steps: int = _f(1, "batch", "micro-batches summed per optimizer step")
+    max_iters: int = _f(100000, "batch", "optimizer steps of the run")
+    # ---- optimizer and schedule
+    optimizer_type: str = _f("adamw", "optim", "adamw or lion")
+    learning_rate: float = _f(1e-4, "optim", "peak learning rate, reached after warmup_iters")
+    min_lr: float = _f(1e-5, "optim", "learning rate at and after max_iters (cosine floor)")
+    warmup_iters: int = _f(400, "optim", "linear warmup steps from 0 to learning_rate")
+    weight_decay: float = _f(0.1, "optim", "decoupled weight decay on matrices (not norms, "
+                             "biases, embedding)")
+    beta1: float = _f(0.9, "optim", "first-moment decay (AdamW and Lion)")
+    beta2: float = _f(0.95, "optim", "second-moment decay (AdamW; Lion's update interpolation)")
+    grad_clip: float = _f(1.0, "optim", "global gradient-norm clip; 0 disables (keep 1.0 for "
+                          "SWA-MLA)")
+    bf16_moments: bool = _f(False, "optim", "keep optimizer moments in bfloat16 (the seed's "
+                            "FP8AdamW/FP8Lion); master weights stay float32")
+    max_bad_steps: int = _f(10, "optim", "consecutive non-finite steps (skipped) before the run "
+                            "stops")
+    # ---- precision, memory, compilation
+    compute_dtype: str = _f("bfloat16", "precision", "activation/matmul dtype: bfloat16 or float32")
+    use_fp8: bool = _f(False, "precision", "FP8 matmuls (H100/H200); needs compute_dtype "
+                       "bfloat16")
+    gradient_checkpointing: bool = _f(False, "precision", "recompute activations in the "
+                                      "backward pass (saves memory, ~20% slower)")
+    remat_policy: str | None = _f(None, "precision", "JAX remat policy: " + ", ".join(
+        REMAT_POLICIES) + "; unset: full if gradient_checkpointing else none")
+    compile: bool = _f(False, "precision", "torch.compile the model (PyTorch)")
+    # ---- parallelism
+    fsdp: bool = _f(False, "parallel", "shard parameters and optimizer state with FSDP2 "
+                    "(PyTorch; otherwise DDP)")
+    mesh_data: int = _f(1, "parallel", "JAX mesh 'data' axis size (replicated params); -1 fills "
+                        "with the remaining devices")
+    mesh_fsdp: int = _f(-1, "parallel", "JAX mesh 'fsdp' axis size (batch and params sharded); "
+                        "-1 fills with the remaining devices")
+    mesh_tensor: int = _f(1, "parallel", "JAX mesh 'tensor' axis size (heads/MLP sharded); -1 "
+                          "fills with the remaining devices")
+    coordinator_address: str | None = _f(None, "parallel", "multi-host JAX: host:port of process "
+                                         "0 (unset: auto-detect or single host)")
+    num_processes: int | None = _f(None, "parallel", "multi-host JAX: number of processes")
+    process_id: int | None = _f(None, "parallel", "multi-host JAX: this process's index")
+    # ---- evaluation, checkpoints, logging
+    output_dir: str = _f("out", "io", "checkpoints, train_config.json, metrics.jsonl, plots")
+    resume: str = _f("auto", "io", "auto (latest checkpoint in output_dir if any), none, or a "
+                     "checkpoint path")
+    eval_interval: int = _f(1000, "io", "steps between validation evaluations")
+    eval_iters: int = _f(20, "io", "validation batches per evaluation")
+    save_interval: int = _f(1000, "io", "steps between checkpoints")
+    keep_checkpoints: int = _f(3, "io", "newest checkpoints kept in output_dir; 0 keeps all")
+    export_portable: bool = _f(True, "io", "export a portable checkpoint (SPEC section 7) at the "
+                               "end")
+    log_interval: int = _f(10, "io", "steps between metric log lines")
+    progress_bar: bool = _f(True, "io", "tqdm progress bar on the main process")
+    tensorboard: bool = _f(False, "io", "also log to TensorBoard in output_dir/tb (needs "
+                           "tensorboardX)")
+    wandb_project: str | None = _f(None, "io", "log to this Weights & Biases project (needs "
+                                   "wandb)")
+    wandb_run_name: str | None = _f(None, "io", "W&B run name")
+    seed: int = _f(1337, "io", "seed of parameter init and data order")
+
+    def __post_init__(self):
+        if self.remat_policy is None:
+            object.__setattr__(self, "remat_policy",
+                               "full" if self.gradient_checkpointing else "none")
+        self._validate()
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self):
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model must be a ModelConfig, got {type(self.model).__name__}")
+        data_cls = data_config_class()
+        if not isinstance(self.data, data_cls):
+            raise ConfigError(f"data must be a swamla.data.DataConfig, got "
+                              f"{type(self.data).__name__}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "max_bad_steps",
+                     "eval_interval", "eval_iters", "save_interval", "log_interval"):
+            _int(self, name, 1)
+        for name in ("warmup_iters", "keep_checkpoints", "seed"):
+            _int(self, name, 0)
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            _float(self, name, lo=0.0, lo_open=(name == "learning_rate"))
+        for name in ("beta1", "beta2"):
+            _float(self, name, lo=0.0, hi=1.0)
+            if getattr(self, name) == 1.0:
+                raise ConfigError(f"{name} must be < 1, got 1.0")
+        for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
+                     "export_portable", "progress_bar", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr}) must be <= learning_rate "
+                              f"({self.learning_rate})")
+        _choice(self, "optimizer_type", OPTIMIZERS)
+        _choice(self, "compute_dtype", COMPUTE_DTYPES)
+        _choice(self, "remat_policy", REMAT_POLICIES)
+        if self.gradient_checkpointing != (self.remat_policy != "none"):
+            raise ConfigError(f"remat_policy {self.remat_policy!r} contradicts "
+                              f"gradient_checkpointing={self.gradient_checkpointing}: a policy "
+                              "other than 'none' needs gradient_checkpointing=true")
+        if self.use_fp8 and self.compute_dtype != "bfloat16":
+            raise ConfigError("use_fp8 needs compute_dtype 'bfloat16', got "
+                              f"{self.compute_dtype!r}")
+        for name in ("output_dir", "resume"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty string, got "
+                                  f"{getattr(self, name)!r}")
+        for name in ("wandb_project", "wandb_run_name", "coordinator_address"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name} must be a non-empty string or null, got {value!r}")
+        if self.coordinator_address is not None and ":" not in self.coordinator_address:
+            raise ConfigError(f"coordinator_address must be host:port, got "
+                              f"{self.coordinator_address!r}")
+        axes = ("mesh_data", "mesh_fsdp", "mesh_tensor")
+        for name in axes:
+            _int(self, name, -1)
+            if getattr(self, name) == 0:
+                raise ConfigError(f"{name} must be >= 1, or -1 to fill the remaining devices; "
+                                  "got 0")
+        if sum(getattr(self, a) == -1 for a in axes) > 1:
+            raise ConfigError(f"at most one of {', '.join(axes)} may be -1")
+        if self.num_processes is not None:
+            _int(self, "num_processes", 1)
+        if self.process_id is not None:
+            _int(self, "process_id", 0)
+            if self.num_processes is not None and self.process_id >= self.num_processes:
+                raise ConfigError(f"process_id ({self.process_id}) must be < num_processes "
+                                  f"({self.num_processes})")
+        if self.warmup_iters > self.max_iters:
+            warnings.warn(f"warmup_iters ({self.warmup_iters}) > max_iters ({self.max_iters}): "
+                          "the learning rate never reaches learning_rate", stacklevel=3)
+
+    # ---------------------------------------------------------------- derived values
+    def global_batch_size(self, data_parallel_size: int) -> int:
+        """Sequences per optimizer step over all data-parallel devices."""
+        return self.batch_size * data_parallel_size * self.gradient_accumulation_steps
+
+    def tokens_per_step(self, data_parallel_size: int) -> int:
+        return self.global_batch_size(data_parallel_size) * self.model.block_size
+
+    def mesh_shape(self, n_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) axis sizes for n_devices, the -1 axis filled with the rest."""
+        sizes = [self.mesh_data, self.mesh_fsdp, self.mesh_tensor]
+        fixed = math.prod(s for s in sizes if s != -1)
+        if n_devices % fixed or (-1 not in sizes and fixed != n_devices):
+            raise ConfigError(f"mesh_data * mesh_fsdp * mesh_tensor = {sizes} does not fit "
+                              f"{n_devices} devices")
+        return tuple(n_devices // fixed if s == -1 else s for s in sizes)
+
+    # ---------------------------------------------------------------- (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict: {"model": {...}, "data": {...}, **training fields}."""
+        out = {"model": self.model.to_dict(), "data": dataclasses.asdict(self.data)}
+        out.update((f.name, getattr(self, f.name)) for f in train_fields())
+        return json.loads(json.dumps(out))  # tuples -> lists, as in the saved file
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "train config") -> "TrainConfig":
+        """Build from a dict shaped like ``to_dict()``; it may also name ``"size"`` (a preset, a
+        model config.json or a checkpoint directory) whose fields ``"model"`` then overrides."""
+        data = dict(data)
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        data_fields = {f.name for f in dataclasses.fields(data_config_class())}
+        known = {"size", "model", "data"} | {f.name for f in train_fields()}
+        for key in sorted(set(data) - known):
+            where = ("; it is a model field: put it under \"model\"" if key in model_fields else
+                     "; it is a data field: put it under \"data\"" if key in data_fields else
+                     f"; valid keys are {sorted(known)}")
+            raise ConfigError(f"{source}: unknown key {key!r}{where}")
+        for key in ("model", "data"):
+            if not isinstance(data.get(key, {}), Mapping):
+                raise ConfigError(f"{source}: {key!r} must be an object of fields, got "
+                                  f"{data[key]!r}")
+        model = load_model(data.pop("size", DEFAULT_SIZE), data.pop("model", {}), source=source)
+        return cls(model=model, data=build_data_config(data.pop("data", {}), source=source),
+                   **data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def replace(self, **overrides) -> "TrainConfig":
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown train config field(s) {unknown}")
+        return dataclasses.replace(self, **overrides)
+
+    def describe(self, data_parallel_size: int | None = None) -> str:
+        """Multi-line summary for the log; fields differing from their default are marked *."""
+        ref = {"model": ModelConfig().to_dict(), "data": dataclasses.asdict(data_config_class()())}
+        ref.update((f.name, f.default) for f in train_fields())
+        lines = [f"model: {count_params(self.model) / 1e6:.1f}M parameters, "
+                 f"{self.model.n_layer} layers ({self.model.swa_layers_per_cycle} SWA + "
+                 f"{self.model.mla_layers_per_cycle} MLA per cycle)"]
+        if data_parallel_size is not None:
+            lines.append(f"batch: {self.global_batch_size(data_parallel_size)} sequences = "
+                         f"{self.tokens_per_step(data_parallel_size):,} tokens per step "
+                         f"over {data_parallel_size} data-parallel device(s)")
+        for section in ("model", "data"):
+            sub = dataclasses.asdict(getattr(self, section))
+            lines.append(f"{section}: " + ", ".join(
+                f"{k}={v!r}" + ("*" if ref[section].get(k) != v else "") for k, v in sub.items()))
+        lines.append("train: " + ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" + ("*" if ref[f.name] != getattr(self, f.name)
+                                                    else "") for f in train_fields()))
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- building the parts
+def train_fields() -> tuple[dataclasses.Field, ...]:
+    """TrainConfig's own fields (all but model and data)."""
+    return tuple(f for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "data"))
+
+
+def load_model(size: str, overrides: Mapping[str, Any] = (), *, source: str = "model"
+               ) -> ModelConfig:
+    """The model named by ``size`` (preset name, config.json or checkpoint dir) with ``overrides``.
+
+    Overrides are applied to the raw preset fields before the config is built, so derived defaults
+    (``mlp_hidden_dim`` = 4 * n_embd) follow an overridden ``n_embd``.
+    """
+    if not isinstance(size, str):
+        raise ConfigError(f"{source}: size must be a preset name or a config path, got {size!r}")
+    path = Path(size)
+    if path.suffix == ".json" or path.is_dir():
+        base = read_json(path / "config.json" if path.is_dir() else path)
+    else:
+        base = read_json(preset_path(size))
+    return ModelConfig.from_dict({**base, **dict(overrides)}, source=f"{source}: model")
+
+
+def build_data_config(fields: Mapping[str, Any], *, source: str = "data"):
+    """A DataConfig from a dict of its fields (JSON lists become tuples where the field is one)."""
+    cls = data_config_class()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown data field(s) {unknown}; valid fields are "
+                          f"{sorted(known)}")
+    missing = sorted(n for n, f in known.items() if n not in fields and f.init and
+                     f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{source}: data field(s) {missing} have no default and must be given")
+    kwargs = {k: _listify(v, hints.get(k)) for k, v in fields.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # DataConfig's own validation error (swamla.data.DataError)
+        raise ConfigError(f"{source}: data: {e}") from e
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return data
+
+
+def _listify(value, tp):
+    """JSON has no tuples: turn a list into one where the field's type is a tuple."""
+    inner = _unwrap(tp)[0]
+    if isinstance(value, list) and (typing.get_origin(inner) or inner) is tuple:
+        return tuple(value)
+    return value
+
+
+def _unwrap(tp) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of an annotation like ``int | None``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _int(cfg, name, minimum):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _float(cfg, name, lo=None, hi=None, lo_open=False):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {value}")
+
+
+def _choice(cfg, name, choices):
+    if getattr(cfg, name) not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {getattr(cfg, name)!r}")
+
+
+# -------------------------------------------------------------------- command line
+def flag_table() -> dict[str, tuple[str, ...]]:
+    """Destination ('FIELD', 'model.FIELD', 'data.FIELD' or 'size') -> its flag names."""
+    train = [f.name for f in train_fields()]
+    subs = {"model": [f.name for f in dataclasses.fields(ModelConfig)],
+            "data": [f.name for f in dataclasses.fields(data_config_class())]}
+    table = {"size": ("size",), **{n: (n,) for n in train}}
+    for section, names in subs.items():
+        other = subs["data" if section == "model" else "model"]
+        for n in names:
+            flat = n not in train and n not in other and n not in SEED_ALIASES
+            table[f"{section}.{n}"] = (f"{section}.{n}",) + ((n,) if flat else ())
+    for alias, dest in SEED_ALIASES.items():
+        if dest not in table:  # a seed flag must keep a home; DataConfig lost the field
+            raise ConfigError(f"seed flag --{alias} maps to {dest}, which does not exist")
+        table[dest] += (alias,)
+    return table
+
+
+def _dest_info(dest: str) -> tuple[Any, Any, str, str]:
+    """(type, default, help, group) of a flag destination."""
+    if dest == "size":
+        return str, DEFAULT_SIZE, ("model preset (tiny, small, base, large, xl; medium = base), "
+                                   "or a model config.json / checkpoint directory"), "model"
+    section, _, name = dest.rpartition(".")
+    cls = {"": TrainConfig, "model": ModelConfig, "data": data_config_class()}[section]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else (
+        "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+    help = f.metadata.get("help", f"{cls.__name__}.{name}")
+    return typing.get_type_hints(cls)[name], default, help, f.metadata.get("group", section)
+
+
+GROUP_TITLES = {"model": "Model (ModelConfig, SPEC.md section 1; defaults of --size small)",
+                "data": "Data (swamla.data.DataConfig)",
+                "batch": "Batch and run length", "optim": "Optimizer and schedule",
+                "precision": "Precision, memory, compilation", "parallel": "Parallelism",
+                "io": "Evaluation, checkpoints, logging"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser generated from TrainConfig, ModelConfig and DataConfig."""
+    parser = argparse.ArgumentParser(
+        description="Train an SWA-MLA model. Precedence: defaults < --config FILE.json < flags. "
+        "Booleans take --flag, --no-flag or --flag true|false.",
+        usage="%(prog)s [--config FILE.json] [--FLAG VALUE ...]",
+        allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.json",
+                        help="JSON file {\"size\": ..., \"model\": {...}, \"data\": {...}, "
+                        "training fields...}; flags override it")
+    groups = {}
+    for dest, names in flag_table().items():
+        tp, default, help, group = _dest_info(dest)
+        if group not in groups:
+            groups[group] = parser.add_argument_group(GROUP_TITLES.get(group, group))
+        inner, optional = _unwrap(tp)
+        base = typing.get_origin(inner) or inner
+        kw = dict(dest=dest, default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        flags = ["--" + n for n in names]
+        if base is bool:
+            groups[group].add_argument(*flags, nargs="?", const=True, metavar="true|false",
+                                       type=_converter(bool, optional), **kw)
+            groups[group].add_argument(*["--no-" + n for n in names], dest=dest, const=False,
+                                       action="store_const", default=argparse.SUPPRESS,
+                                       help=argparse.SUPPRESS)
+        elif base is tuple:
+            item = (typing.get_args(inner) or (str,))[0]
+            groups[group].add_argument(*flags, nargs="*", type=_converter(item, False),
+                                       metavar=_METAVARS.get(item, "VALUE"), **kw)
+        else:
+            metavar = _METAVARS.get(base, "VALUE") + ("|none" if optional else "")
+            groups[group].add_argument(*flags, type=_converter(base, optional), metavar=metavar,
+                                       **kw)
+    return parser
+
+
+_METAVARS = {int: "INT", float: "FLOAT", str: "STR", dict: "JSON"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """TrainConfig from command-line flags (sys.argv[1:] when argv is None).
+
+    Raises ConfigError for an unknown flag, a value of the wrong type, or an invalid config.
+    ``--size`` given on the command line replaces the config file's ``size`` and ``model``.
+    """
+    parser = build_parser()
+    try:
+        ns, extras = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ConfigError(str(e)) from e
+    if extras:
+        options = [o for a in parser._actions for o in a.option_strings]
+        hints = [difflib.get_close_matches(x.split("=")[0], options, n=1) for x in extras]
+        raise ConfigError(f"unknown argument(s) {extras}" + "".join(
+            f"; did you mean {h[0]}?" for h in hints if h) + " (see --help)")
+    cli = {}
+    for dest, value in vars(ns).items():
+        section, _, name = dest.rpartition(".")
+        (cli.setdefault(section, {}) if section else cli)[name] = value
+    merged, source = {}, "command line"
+    if "config" in cli:
+        merged, source = read_json(cli.pop("config")), f"{ns.config} + command line"
+        if "size" in cli:
+            merged.pop("model", None)
+        for section in ("model", "data"):
+            if not isinstance(merged.get(section, {}), Mapping):
+                raise ConfigError(f"{ns.config}: {section!r} must be an object of fields")
+    for key, value in cli.items():
+        merged[key] = {**merged.get(key, {}), **value} if key in ("model", "data") else value
+    return TrainConfig.from_dict(merged, source=source)
+
+
+def _converter(tp, optional: bool):
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if tp is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if tp is dict:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from e
+            if value is not None and not isinstance(value, dict):
+                raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+            return value
+        if tp in (int, float):
+            try:
+                return tp(text)
+            except ValueError as e:
+                kind = "an integer" if tp is int else "a number"
+                raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from e
+        return text
+    return convert
+
+
+def flags_markdown() -> str:
+    """The README section documenting every flag, grouped, with defaults (generated)."""
+    rows: dict[str, list[str]] = {}
+    for dest, names in flag_table().items():
+        tp, default, help, group = _dest_info(dest)
+        flags = ", ".join(f"`--{n}`" for n in names)
+        rows.setdefault(group, []).append(f"| {flags} | `{json.dumps(default)}` | {help} |")
+    out = []
+    for group, title in GROUP_TITLES.items():
+        out += [f"### {title}", "", "| flag | default | meaning |", "|---|---|---|",
+                *rows.pop(group, []), ""]
+    return "\n".join(out)
