@@ -30,6 +30,9 @@ COMPUTE_DTYPES = ("bfloat16", "float32")
 # JAX rematerialisation policies (jax.checkpoint_policies); PyTorch checkpoints whole blocks for
 # any policy other than "none".
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# "auto": each backend's flash kernel on GPU in 16-bit (cuDNN in JAX, FlexAttention/SDPA in
+# PyTorch), the exact reference path elsewhere.
+ATTENTION_IMPLS = ("auto", "reference", "cudnn", "flex")
 
 # The original project's flag names that are not a field's own name (or that must keep pointing at
 # the model even if DataConfig grows a field of the same name).
@@ -95,6 +98,11 @@ class TrainConfig:
     remat_policy: str | None = _f(None, "precision", "JAX remat policy: " + ", ".join(
         REMAT_POLICIES) + "; unset: full if gradient_checkpointing else none")
     compile: bool = _f(False, "precision", "torch.compile the model (PyTorch)")
+    attention_impl: str = _f("auto", "precision", "attention kernel: auto (flash kernels on GPU "
+                             "in 16-bit, else reference), reference, or the backend's fast one "
+                             "(cudnn in JAX, flex in PyTorch)")
+    loss_chunk: int = _f(512, "precision", "cross entropy over chunks of this many positions so "
+                         "float32 logits never exist for the whole batch; 0 disables")
     # ---- parallelism
     fsdp: bool = _f(False, "parallel", "shard parameters and optimizer state with FSDP2 "
                     "(PyTorch; otherwise DDP)")
@@ -162,6 +170,10 @@ class TrainConfig:
         _choice(self, "optimizer_type", OPTIMIZERS)
         _choice(self, "compute_dtype", COMPUTE_DTYPES)
         _choice(self, "remat_policy", REMAT_POLICIES)
+        _choice(self, "attention_impl", ATTENTION_IMPLS)
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) \
+                or self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")
         if self.gradient_checkpointing != (self.remat_policy != "none"):
             raise ConfigError(f"remat_policy {self.remat_policy!r} contradicts "
                               f"gradient_checkpointing={self.gradient_checkpointing}: a policy "

@@ -32,12 +32,36 @@ def visible_mask(T: int, S: int, window: int | None, sink: int) -> jax.Array:
     return mask
 
 
+ATTENTION_IMPLS = ("auto", "reference", "cudnn")
+
+
+def resolve_attention_impl(name: str, dtype, dropout: float) -> str:
+    """The one place a kernel is chosen: cuDNN flash attention on GPU in 16-bit without dropout
+    (``auto``), else the reference path, which runs anywhere and is exact in float32."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {name!r}")
+    fast_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dropout == 0.0
+    if name == "auto":
+        return "cudnn" if fast_ok and jax.default_backend() == "gpu" else "reference"
+    if name == "cudnn" and not fast_ok:
+        raise ValueError("attention_impl='cudnn' needs a bfloat16/float16 compute dtype and "
+                         "dropout 0; use attention_impl='reference' (or 'auto')")
+    return name
+
+
 def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
-              dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+              dropout_rate: float = 0.0, dropout_rng=None, impl: str = "reference") -> jax.Array:
     """Causal (optionally windowed + sink) attention; q (B,T,H,D), k (B,S,K,D), v (B,S,K,V).
 
-    Reference path: explicit float32 scores and softmax, exact to the SPEC on any backend.
+    ``impl="reference"``: explicit float32 scores and softmax, exact to the SPEC on any backend.
+    ``impl="cudnn"``: flash attention that skips what lies outside the window (swamla_jax.kernels).
     """
+    if impl == "cudnn":
+        from swamla_jax import kernels
+
+        if window is None:
+            return kernels.causal_attention(q, k, v, scale=scale)
+        return kernels.swa_sink_attention(q, k, v, scale=scale, window=window, sink=sink)
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)  # head h reads kv head h // G
@@ -58,6 +82,7 @@ class SWAttention(nn.Module):
     dtype: Dtype = f32
     deterministic: bool = True
     dot_general: Callable | None = None
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(self, x, rope, positions):
@@ -75,7 +100,7 @@ class SWAttention(nn.Module):
                                                  or cfg.apply_logit_scale_during_training):
             q = (q.astype(f32) * logit_scale(cfg, positions)[:, None, None]).astype(q.dtype)
         y = attention(q, k, v, scale=D ** -0.5, window=cfg.swa_window, sink=cfg.swa_sink_size,
-                      **_dropout(self, cfg))
+                      impl=self.attention_impl, **_dropout(self, cfg))
         y = Linear(C, ("q_heads", "embed"), name="o_proj", **lin)(y.reshape(B, T, H * D))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
 
@@ -87,6 +112,7 @@ class MLAttention(nn.Module):
     dtype: Dtype = f32
     deterministic: bool = True
     dot_general: Callable | None = None
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(self, x, rope, positions):
@@ -112,7 +138,7 @@ class MLAttention(nn.Module):
         kv = kv.reshape(B, T, H, dn + dv)
         k = jnp.concatenate((kv[..., :dn], jnp.broadcast_to(k_pe, (B, T, H, dr))), axis=-1)
         v = kv[..., dn:]  # (B, T, H, V)
-        y = attention(q, k, v, scale=dqk ** -0.5, **_dropout(self, cfg))
+        y = attention(q, k, v, scale=dqk ** -0.5, impl=self.attention_impl, **_dropout(self, cfg))
         y = Linear(C, ("q_heads", "embed"), name="wo", **lin)(y.reshape(B, T, H * dv))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
 

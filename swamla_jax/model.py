@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
-from swamla_jax.attention import MLAttention, SWAttention
+from swamla_jax.attention import MLAttention, SWAttention, resolve_attention_impl
 from swamla_jax.layers import Dtype, Embed, SwiGLU, block_norm, f32, rope_tables
 
 IGNORE_INDEX = -100
@@ -39,6 +39,7 @@ class Block(nn.Module):
     dtype: Dtype = f32
     deterministic: bool = True
     dot_general: Callable | None = None
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(self, x, ropes, positions):
@@ -50,7 +51,7 @@ class Block(nn.Module):
         else:
             names, attn, rope = ("attn_norm", "ffn_norm", "ffn"), MLAttention, ropes[1]
         h = block_norm(cfg, self.dtype, names[0])(x)
-        x = x + attn(name="attn", **sub)(h, rope, positions)
+        x = x + attn(name="attn", attention_impl=self.attention_impl, **sub)(h, rope, positions)
         h = block_norm(cfg, self.dtype, names[1])(x)
         return x + SwiGLU(name=names[2], **sub)(h)
 
@@ -73,13 +74,14 @@ class Cycle(nn.Module):
     deterministic: bool = True
     remat_policy: str = "none"
     dot_general: Callable | None = None
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(self, x, ropes, positions):
         block = _block_class(self.remat_policy, scanned=True)
         for j, kind in enumerate(self.cfg.cycle):
             x = block(self.cfg, kind, self.dtype, self.deterministic, self.dot_general,
-                      name=f"block_{j}")(x, ropes, positions)
+                      self.attention_impl, name=f"block_{j}")(x, ropes, positions)
         return x, None
 
 
@@ -100,17 +102,55 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     return loss.sum() / jnp.maximum(valid.sum(), 1)
 
 
+def chunked_cross_entropy(head, x, targets, label_smoothing: float, chunk: int):
+    """SPEC 5 loss over sequence chunks: logits of one chunk at a time, recomputed for backward."""
+    B, T, C = x.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, C).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    targets = targets.reshape(B, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(xc, tc):
+        logp = jax.nn.log_softmax(head(xc).astype(f32), axis=-1)  # (B, chunk, V)
+        valid = tc != IGNORE_INDEX
+        tgt = jnp.take_along_axis(logp, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
+        loss = -tgt
+        if label_smoothing > 0.0:
+            V = logp.shape[-1]
+            loss = -(1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * (
+                logp.sum(-1) - tgt)
+        return jnp.where(valid, loss, 0.0).sum(), valid.sum()
+
+    def body(carry, xs):
+        total, count = carry
+        s, c = chunk_sums(*xs)
+        return (total + s, count + c), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.zeros([], f32), jnp.zeros([], jnp.int32)),
+                                     (x, targets))
+    return total / jnp.maximum(count, 1)
+
+
 class SWAMLA(nn.Module):
     """Token ids (B, T) -> (logits (B, T, V) float32, mean loss or None).
 
     ``dtype`` is the compute dtype (parameters are always float32); ``deterministic=False`` turns
-    on dropout (rng stream ``'dropout'``) and is what training passes.
+    on dropout (rng stream ``'dropout'``) and is what training passes. ``dot_general`` replaces
+    the block matmuls (FP8: ``swamla_jax.fp8.fp8_dot_general``); ``attention_impl`` picks the
+    kernel (``swamla_jax.attention.resolve_attention_impl``). With ``loss_chunk > 0`` and targets,
+    the loss is computed over chunks of ``loss_chunk`` positions, each chunk's logits recomputed
+    in the backward pass, so float32 logits never exist for the whole batch; logits are then
+    not returned (None).
     """
 
     cfg: ModelConfig
     dtype: Dtype = f32
     remat_policy: str = "none"
     dot_general: Callable | None = None
+    attention_impl: str = "auto"
+    loss_chunk: int = 0
 
     @nn.compact
     def __call__(self, idx, targets=None, *, deterministic: bool = True):
@@ -124,9 +164,11 @@ class SWAMLA(nn.Module):
                  rope_tables(cfg.qk_rope_head_dim, positions, cfg.rope_theta, cfg.rope_factor))
         wte = Embed(cfg.vocab_size, cfg.n_embd, cfg.init_std, self.dtype, name="wte")
         x = nn.Dropout(cfg.dropout)(wte(idx), deterministic=deterministic)  # (B, T, C)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
 
-        common = dict(dtype=self.dtype, deterministic=deterministic, dot_general=self.dot_general)
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, cfg.dropout)
+        common = dict(dtype=self.dtype, deterministic=deterministic, dot_general=self.dot_general,
+                      attention_impl=impl)
         if cfg.n_cycles:
             scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
@@ -139,6 +181,9 @@ class SWAMLA(nn.Module):
             x = block(cfg, cfg.block_kinds[i], name=f"h_{i}", **common)(x, ropes, positions)
 
         x = block_norm(cfg, self.dtype, "ln_f")(x)
+        if targets is not None and self.loss_chunk and T > self.loss_chunk:
+            return None, chunked_cross_entropy(wte.attend, x, targets, cfg.label_smoothing,
+                                               self.loss_chunk)
         logits = wte.attend(x)  # (B, T, V) float32, tied head
         loss = None if targets is None else cross_entropy(logits, targets, cfg.label_smoothing)
         return logits, loss

@@ -1,0 +1,72 @@
+"""Orbax checkpoints of the JAX trainer: async, atomic, last N kept, restorable on any mesh.
+
+A checkpoint is ``output_dir/checkpoints/<step>/`` with two items: ``state`` (the TrainState:
+params, optimizer state, step, RNG, bad-step count) and ``meta`` (JSON: data loader position,
+counters, the run's TrainConfig). Orbax writes into a temporary directory and renames it when
+complete, so a kill mid-save leaves the previous checkpoints as they were. Restoring takes the
+target shardings of the *current* mesh, so a run can continue on another device count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+    """Save/restore (state, meta) pairs under ``output_dir/checkpoints``."""
+
+    def __init__(self, output_dir: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(output_dir).absolute() / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: dict[str, Any], *, wait: bool = False) -> None:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        if wait:
+            self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state):
+        """(state, meta) of ``step``, laid out as ``abstract_state``'s shardings say."""
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out.state, out.meta
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(shapes, shardings):
+    """ShapeDtypeStructs carrying the shardings a restore should produce."""
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """A trainer output_dir (or its checkpoints/ folder) holding at least one step."""
+    path = Path(path)
+    root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+    return root.is_dir() and any(p.name.isdigit() and (p / "state").is_dir()
+                                 for p in root.iterdir())

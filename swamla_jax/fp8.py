@@ -1,0 +1,82 @@
+"""FP8 matmuls for ``--use_fp8``: XLA ``dot_general`` on quantize-dequantize pairs.
+
+Recipe: *current* per-tensor scaling. Each operand is scaled by ``amax / fp8_max`` computed from
+the tensor itself, rounded to float8 (e4m3 for activations and weights in the forward pass, e5m2,
+with its wider range, for the gradients in the backward pass) and multiplied back by its scale
+right before a ``dot_general``. XLA's GEMM rewriter turns that convert-multiply-dot pattern into
+one cuBLASLt FP8 GEMM with the scales as arguments (``__cublas$lt$matmul$f8`` in the compiled
+HLO; ``tests`` and ``benchmarks`` assert it, because the rewrite fails silently when the pattern
+breaks). We chose current over delayed scaling (amax history, as in ``flax.linen.fp8_ops``):
+no extra state in checkpoints or in the parameter tree, no stale scale after a resume or a loss
+spike, and the amax reduction fuses into the op that produces the tensor. The forward saves the
+float8 operands for the backward pass, so the activations kept for it are half the bf16 size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+_TINY = 1e-12
+
+
+def _scale(x, dtype):
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return jnp.maximum(amax, _TINY) / jnp.finfo(dtype).max.astype(jnp.float32)
+
+
+def quantize(x, dtype):
+    """(float8 values, float32 scale) with ``x ~= values * scale``."""
+    scale = _scale(x, dtype)
+    fmax = jnp.finfo(dtype).max.astype(jnp.float32)
+    q = jnp.clip(x.astype(jnp.float32) / scale, -fmax, fmax).astype(dtype)
+    return q, scale
+
+
+def dequantize(q, scale, dtype):
+    return q.astype(dtype) * scale.astype(dtype)
+
+
+def _dot(a, b, dims, dtype):
+    return lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x, w):
+    """``x @ w`` for x (..., K), w (K, N) through FP8 GEMMs; output in x's dtype."""
+    return _fp8_fwd(x, w)[0]
+
+
+def _fp8_fwd(x, w):
+    dtype = x.dtype
+    qx, sx = quantize(x, E4M3)
+    qw, sw = quantize(w, E4M3)
+    y = _dot(dequantize(qx, sx, dtype), dequantize(qw, sw, dtype),
+             (((x.ndim - 1,), (0,)), ((), ())), dtype)
+    return y, (qx, sx, qw, sw, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+
+
+def _fp8_bwd(res, g):
+    qx, sx, qw, sw, x_like, w_like = res
+    dtype = g.dtype
+    qg, sg = quantize(g, E5M2)
+    g_dq = dequantize(qg, sg, dtype)
+    lead = tuple(range(g.ndim - 1))
+    dx = _dot(g_dq, dequantize(qw, sw, dtype), (((g.ndim - 1,), (1,)), ((), ())), dtype)
+    dw = _dot(dequantize(qx, sx, dtype), g_dq, ((lead, lead), ((), ())), dtype)
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+
+
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """A ``dot_general`` for :class:`swamla_jax.layers.Linear`: x (..., in) . W (in, out)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
+        raise ValueError(f"fp8_dot_general supports x (..., in) . W (in, out) only, got "
+                         f"dimension_numbers {dimension_numbers}")
+    del precision, preferred_element_type
+    return fp8_matmul(lhs, rhs)

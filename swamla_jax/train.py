@@ -1,0 +1,347 @@
+"""The JAX trainer: SWA-MLA on one GPU, a multi-GPU host or many hosts, through jax.sharding.
+
+``train(cfg)`` runs a whole job from a TrainConfig (``train_jax.py`` only parses flags). One
+jitted step with buffer donation does gradient accumulation as a scan, global-norm clipping,
+AdamW or Lion, and skips non-finite updates. Parameters, gradients and optimizer state are laid
+out on a (data, fsdp, tensor) mesh by ``swamla_jax.sharding``'s rules table; each process feeds
+its own rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.experimental import multihost_utils
+
+from swamla.config import ConfigError, check_token_ids, count_params
+from swamla.data import build_loader, merge_states
+from swamla.flops import mfu, peak_flops
+from swamla.metrics import MetricsLogger, ProgressBar, plot_metrics
+from swamla.schedule import lr_at
+from swamla.signals import StopSignal
+from swamla.train_config import TrainConfig
+from swamla_jax import sharding
+from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
+from swamla_jax.convert import Model, init_params, save_pretrained
+from swamla_jax.fp8 import fp8_dot_general
+from swamla_jax.model import SWAMLA
+from swamla_jax.optim import build_optimizer
+
+log = logging.getLogger("swamla_jax.train")
+
+
+def _jax_attention_impl(name: str) -> str:
+    if name == "flex":
+        raise ConfigError("attention_impl 'flex' is PyTorch's; the JAX trainer takes auto, "
+                          "reference or cudnn")
+    return name
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # iterations done (skipped ones included)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw key data, so Orbax stores it as plain uint32
+    bad_steps: jax.Array  # consecutive non-finite steps
+
+
+def _shard_like_params(tree, param_shardings, mesh):
+    """Shardings for an optimizer-state tree: a leaf whose dict path is a parameter's gets that
+    parameter's sharding (moments mirror params); anything else is replicated."""
+    by_path = {tuple(k.key for k in path): sh
+               for path, sh in jax.tree_util.tree_leaves_with_path(param_shardings)}
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        sh = by_path.get(keys)
+        return sh if sh is not None and len(leaf.shape) == len(sh.spec) else sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+class Trainer:
+    """Everything compiled for one (config, mesh): module, optimizer, shardings, step functions."""
+
+    def __init__(self, cfg: TrainConfig, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.module = SWAMLA(cfg.model, dtype=jnp.dtype(cfg.compute_dtype),
+                             remat_policy=cfg.remat_policy,
+                             dot_general=fp8_dot_general if cfg.use_fp8 else None,
+                             attention_impl=_jax_attention_impl(cfg.attention_impl),
+                             loss_chunk=cfg.loss_chunk)
+        boxed = jax.eval_shape(lambda: init_params(self.module, cfg.seed))
+        self.param_shardings = sharding.param_shardings(boxed, mesh)
+        self.param_shapes = sharding.unbox_values(boxed)
+        self.tx = build_optimizer(cfg, self.param_shapes)
+        shapes = jax.eval_shape(self._fresh_state)
+        self.state_shardings = TrainState(
+            step=sharding.replicated(mesh), params=self.param_shardings,
+            opt_state=_shard_like_params(shapes.opt_state, self.param_shardings, mesh),
+            rng=sharding.replicated(mesh), bad_steps=sharding.replicated(mesh))
+        self.state_shapes = shapes
+        self.batch_sharding = sharding.batch_sharding(mesh, leading=1)
+        self.init_state = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, None))
+        self.eval_step = jax.jit(self._eval_loss, in_shardings=(self.param_shardings,
+                                                                 self.batch_sharding))
+
+    def abstract_state(self):
+        return abstract_with_shardings(self.state_shapes, self.state_shardings)
+
+    def _fresh_state(self):
+        params = nn.meta.unbox(init_params(self.module, self.cfg.seed))
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                          opt_state=self.tx.init(params),
+                          rng=jax.random.key_data(jax.random.key(self.cfg.seed + 1)),
+                          bad_steps=jnp.zeros([], jnp.int32))
+
+    def _loss(self, params, inputs, targets, rng, train: bool):
+        return self.module.apply({"params": params}, inputs, targets, deterministic=not train,
+                                 rngs={"dropout": rng})[1]
+
+    def _train_step(self, state: TrainState, batch):
+        """One optimizer step over ``batch`` = (inputs, targets), each (k, B, T)."""
+        inputs, targets = batch
+        k = inputs.shape[0]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grad_fn = jax.value_and_grad(self._loss)
+
+        def micro(carry, xs):  # gradient accumulation: sum over micro-batches inside the step
+            grads, loss = carry
+            i, x, y = xs
+            loss_i, g = grad_fn(state.params, x, y, jax.random.fold_in(rng, i), True)
+            return (jax.tree_util.tree_map(jnp.add, grads, g), loss + loss_i), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)),
+                                        (jnp.arange(k), inputs, targets))
+        grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+        loss = loss / k
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731 (skip a bad update whole)
+            lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = state.replace(
+            step=state.step + 1, params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok,
+                           "bad_steps": new_state.bad_steps}
+
+    def _eval_loss(self, params, batch):
+        inputs, targets = batch
+        return self._loss(params, inputs[0], targets[0], jax.random.key(0), False)
+
+
+# ------------------------------------------------------------------------------------- the run
+def _process_rows(cfg: TrainConfig, mesh) -> int:
+    """Rows of each micro-batch this process loads: its share of batch_size * data-parallel."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = cfg.batch_size * dp
+    if rows % jax.process_count():
+        raise ConfigError(f"batch_size * data-parallel devices = {rows} must be divisible by the "
+                          f"{jax.process_count()} processes")
+    return rows // jax.process_count()
+
+
+def _next_batch(loader, k: int, vocab_size: int):
+    """k micro-batches stacked as (k, B, T) int32, token ids checked on the host."""
+    batches = [next(loader) for _ in range(k)]
+    inputs = np.stack([b.inputs for b in batches])
+    targets = np.stack([b.targets for b in batches])
+    check_token_ids(inputs, vocab_size)
+    return inputs, targets
+
+
+def _to_global(trainer: Trainer, local):
+    return tuple(jax.make_array_from_process_local_data(trainer.batch_sharding, x) for x in local)
+
+
+def _gather_data_state(loader) -> dict:
+    """The loader position of every process merged into one state (text sources keep per-row
+    positions per process; shards are global already, and merging is then the identity)."""
+    state = loader.state_dict()
+    if jax.process_count() == 1:
+        return state
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([blob.size]))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:blob.size] = blob
+    every = multihost_utils.process_allgather(padded)
+    states = [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(every, lengths.ravel())]
+    return merge_states(states)
+
+
+def _device_memory_gb() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.array([flag])).any())
+
+
+def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> dict[str, float]:
+    """Mean validation loss over ``iters`` batches from the start of the validation stream."""
+    loader.reset()
+    losses = [trainer.eval_step(params, _to_global(trainer, _next_batch(loader, 1, vocab_size)))
+              for _ in range(iters)]
+    loss = float(np.mean(jax.device_get(losses)))
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | None:
+    latest = ckpt.latest_step()
+    if cfg.resume == "none":
+        if latest is not None:
+            raise ConfigError(f"resume=none but {ckpt.directory} already holds checkpoints (latest "
+                              f"step {latest}): use --resume auto to continue, or another "
+                              "--output_dir")
+        return None
+    if cfg.resume == "auto":
+        return latest
+    raise ConfigError(f"resume={cfg.resume!r}: a path is accepted only for a portable training "
+                      "state (see swamla.train_state); to continue a JAX run point --output_dir "
+                      "at it and use --resume auto")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a whole training job; returns the last logged metrics (and eval results)."""
+    sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if cfg.use_fp8 and jax.default_backend() != "gpu":
+        log.warning("use_fp8 on %s: FP8 numerics are emulated (no FP8 GEMMs without an H100/H200)",
+                    jax.default_backend())
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(cfg.mesh_shape(jax.device_count()))
+    out = Path(cfg.output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "train_config.json")
+    rows = _process_rows(cfg, mesh)
+    T, k, vocab = cfg.model.block_size, cfg.gradient_accumulation_steps, cfg.model.vocab_size
+    loader_kw = dict(batch_size=rows, block_size=T, seed=cfg.seed,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        trainer = Trainer(cfg, mesh)
+        ckpt = Checkpointer(out, cfg.keep_checkpoints)
+        start = _resolve_resume(cfg, ckpt)
+        train_loader = build_loader(cfg.data, "train", **loader_kw)
+        val_loader = build_loader(cfg.data, "val", **loader_kw)
+        skipped_total = 0
+        if start is None:
+            state = trainer.init_state()
+            step = 0
+        else:
+            state, meta = ckpt.restore(start, trainer.abstract_state())
+            train_loader.load_state_dict(meta["data_state"])
+            step, skipped_total = int(meta["step"]), int(meta["skipped_total"])
+            log.info("resumed from %s at step %d", ckpt.directory / str(start), step)
+
+        n_params = count_params(cfg.model)
+        tokens_per_step = rows * jax.process_count() * k * T
+        peak = peak_flops(jax.devices()[0].device_kind)
+        logger = MetricsLogger.from_config(cfg, resume_step=None if start is None else step,
+                                           is_main=is_main)
+        if is_main:
+            log.info("%s\nparameters: %s | mesh %s | %d tokens per step", cfg.describe(
+                mesh.shape["data"] * mesh.shape["fsdp"]), f"{n_params:,}", dict(mesh.shape),
+                tokens_per_step)
+        bar = ProgressBar(cfg.max_iters, initial=step, enabled=cfg.progress_bar, is_main=is_main)
+
+        def meta_now():
+            return {"step": step, "skipped_total": skipped_total,
+                    "data_state": _gather_data_state(train_loader), "train_config": cfg.to_dict()}
+
+        last: dict[str, Any] = {}
+        t0, steps_since, pending = time.perf_counter(), 0, None
+        try:
+            with StopSignal() as stop:
+                while step < cfg.max_iters:
+                    batch = _to_global(trainer, _next_batch(train_loader, k, vocab))
+                    state, metrics = trainer.train_step(state, batch)
+                    step += 1
+                    steps_since += 1
+                    if steps_since == 1 and pending is None and not last:
+                        # Keep compilation out of tokens/s: time from the end of the first step.
+                        jax.block_until_ready(metrics)
+                        t0, steps_since = time.perf_counter(), 0
+                    # Read the previous step's metrics while this one runs: no pipeline bubble.
+                    if pending is not None:
+                        skipped_total += _check_finite(pending, cfg)
+                    pending = metrics
+                    if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                        skipped_total += _check_finite(pending, cfg)
+                        pending = None
+                        m = jax.device_get(metrics)
+                        dt = time.perf_counter() - t0
+                        tok_s = tokens_per_step * steps_since / dt if steps_since else None
+                        last = {"loss": float(m["loss"]), "lr": lr_at(step - 1 - skipped_total, cfg),
+                                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+                                "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
+                                "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
+                        logger.log(step, last)
+                        t0, steps_since = time.perf_counter(), 0
+                    bar.update(1, {"loss": last.get("loss")})
+                    if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                        last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
+                                             vocab))
+                        logger.log(step, {k_: last[k_] for k_ in ("eval_loss", "eval_ppl")})
+                        t0, steps_since = time.perf_counter(), 0  # eval time is not train time
+                    if step % cfg.save_interval == 0 or step == cfg.max_iters:
+                        ckpt.save(step, state, meta_now())
+                        t0, steps_since = time.perf_counter(), 0
+                    if _any_process(stop.should_stop):
+                        log.warning("stop signal: saving step %d and exiting", step)
+                        ckpt.save(step, state, meta_now(), wait=True)
+                        break
+        finally:
+            bar.close()
+            ckpt.close()
+            train_loader.close()
+            val_loader.close()
+            logger.close()
+        if is_main and logger.path.is_file() and logger.path.stat().st_size:
+            plot_metrics(logger.path, out / "loss.png")
+        if cfg.export_portable and step >= cfg.max_iters:
+            params = multihost_utils.process_allgather(state.params, tiled=True)
+            if is_main:
+                save_pretrained(Model(trainer.module, params), out / "export")
+        return {**last, "step": step}
+
+
+def _check_finite(metrics, cfg: TrainConfig) -> int:
+    """1 if the step was skipped; raise once max_bad_steps non-finite steps came in a row."""
+    ok, streak = (int(x) for x in jax.device_get((metrics["ok"], metrics["bad_steps"])))
+    if ok:
+        return 0
+    log.warning("non-finite loss or gradient: update skipped (%d in a row)", streak)
+    if streak >= cfg.max_bad_steps:
+        raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient "
+                             f"(max_bad_steps={cfg.max_bad_steps}); stopping. The last good "
+                             "checkpoint is kept: lower learning_rate or check the data, then "
+                             "resume")
+    return 1

@@ -1,0 +1,184 @@
+"""The JAX speed paths against the reference: chunked loss, the SWA window+sink merge and its
+LSE gradient, FP8 matmuls. CPU tests check the math; GPU tests (skipped without a GPU) check the
+real cuDNN kernels and the FP8 GEMMs in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import swamla_jax as sj
+from swamla.config import load_preset
+from swamla_jax import fp8, kernels
+from swamla_jax.attention import attention, visible_mask
+
+on_gpu = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not on_gpu, reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ---------------------------------------------------------------------------- chunked loss
+@pytest.mark.parametrize("chunk,smoothing", [(16, 0.0), (24, 0.1)])
+def test_chunked_loss_matches_full(chunk, smoothing):
+    cfg = load_preset("tiny", n_layer=3, label_smoothing=smoothing)
+    full = sj.SWAMLA(cfg)
+    chunked = sj.SWAMLA(cfg, loss_chunk=chunk)
+    params = sj.from_config(cfg, seed=0).params
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, cfg.vocab_size, (2, 70))
+    targets = rng.integers(0, cfg.vocab_size, (2, 70))
+    targets[0, 5:9] = -100
+
+    def loss(module):
+        return lambda p: module.apply({"params": p}, idx, targets)[1]
+
+    with jax.default_matmul_precision("highest"):
+        (l_full, g_full), (l_chunk, g_chunk) = (jax.value_and_grad(loss(m))(params)
+                                                for m in (full, chunked))
+        assert chunked.apply({"params": params}, idx, targets)[0] is None  # no full logits
+    assert abs(float(l_full) - float(l_chunk)) <= 1e-6 * float(l_full)
+    for a, b in zip(jax.tree_util.tree_leaves(g_chunk), jax.tree_util.tree_leaves(g_full)):
+        assert rel(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------- SWA merge
+def _exact_window(q, k, v, scale, window, return_lse):
+    """What cuDNN's sliding window computes, in float32: (out, lse (B, N, T))."""
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", q.reshape(B, T, K, N // K, D), k) * scale
+    s = jnp.where(visible_mask(T, T, window, 0), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", jnp.exp(s - lse[..., None]), v)
+    out = out.reshape(B, T, N, v.shape[-1])
+    return (out, jax.lax.stop_gradient(lse.reshape(B, N, T))) if return_lse else out
+
+
+@pytest.mark.parametrize("window,sink,kv_heads", [(8, 4, 4), (8, 4, 2), (5, 1, 4), (40, 4, 4)])
+def test_swa_sink_merge_and_lse_gradient(monkeypatch, window, sink, kv_heads):
+    """The window+sink merge and the custom LSE gradient, with cuDNN's stop-gradient LSE
+    stood in for by an exact window attention that also stops the LSE gradient."""
+    monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 33, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 33, kv_heads, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 33, kv_heads, 8)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 33, 4, 8)), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
+
+    fast = lambda q, k, v: kernels.swa_sink_attention(  # noqa: E731
+        q, k, v, scale=0.3, window=window, sink=sink)
+    ref = lambda q, k, v: attention(q, k, v, scale=0.3, window=window, sink=sink)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        assert rel(fast(q, k, v), ref(q, k, v)) < 1e-5
+        g_fast = jax.grad(loss(fast), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        assert rel(a, b) < 1e-5, name
+
+
+# ---------------------------------------------------------------------------- FP8
+def test_fp8_matmul_is_close_and_differentiable():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 16, 64)), jnp.bfloat16)
+    w = jnp.asarray(0.05 * rng.standard_normal((64, 48)), jnp.float32)
+    y8 = fp8.fp8_matmul(x, w)
+    y = jnp.einsum("btk,kn->btn", x.astype(jnp.float32), w)
+    assert y8.dtype == jnp.bfloat16 and rel(y8, y) < 0.08  # e4m3: 3 mantissa bits
+    cot = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    gx8, gw8 = jax.grad(lambda x, w: jnp.sum(fp8.fp8_matmul(x, w).astype(jnp.float32) * cot),
+                        argnums=(0, 1))(x, w)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(jnp.einsum("btk,kn->btn", x.astype(jnp.float32), w)
+                                           * cot), argnums=(0, 1))(x, w)
+    assert gx8.dtype == x.dtype and gw8.dtype == w.dtype
+    assert rel(gx8, gx) < 0.15 and rel(gw8, gw) < 0.15  # e5m2 gradients: 2 mantissa bits
+
+
+def test_fp8_rejects_other_contractions():
+    with pytest.raises(ValueError, match="supports x"):
+        fp8.fp8_dot_general(jnp.ones((2, 3)), jnp.ones((2, 3)), (((0,), (0,)), ((), ())))
+
+
+def test_fp8_model_trains_on_cpu_emulation():
+    cfg = load_preset("tiny", n_layer=3)
+    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
+    params = sj.from_config(cfg).params
+    idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
+    loss, grads = jax.value_and_grad(lambda p: module.apply({"params": p}, idx, idx)[1])(params)
+    ref = sj.SWAMLA(cfg, dtype=jnp.bfloat16).apply({"params": params}, idx, idx)[1]
+    assert np.isfinite(float(loss)) and abs(float(loss) - float(ref)) < 0.02 * float(ref)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+# ---------------------------------------------------------------------------- GPU only
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,sink,kv_heads", [(256, 4, 16), (256, 4, 4), (128, 0, 16)])
+def test_cudnn_swa_matches_reference(window, sink, kv_heads):
+    rng = np.random.default_rng(4)
+    shape = (2, 1024, 16, 64)
+    q = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal(shape[:2] + (kv_heads, 64)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal(shape[:2] + (kv_heads, 64)), jnp.bfloat16)
+    cot = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+    def run(impl, dtype):
+        f = lambda q, k, v: jnp.sum(attention(  # noqa: E731
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=0.125, window=window,
+            sink=sink, impl=impl).astype(jnp.float32) * cot.astype(jnp.float32))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    (_, g_fast), (_, g_ref) = run("cudnn", jnp.bfloat16), run("reference", jnp.float32)
+    out_fast = attention(q, k, v, scale=0.125, window=window, sink=sink, impl="cudnn")
+    out_ref = attention(*(t.astype(jnp.float32) for t in (q, k, v)), scale=0.125, window=window,
+                        sink=sink)
+    assert rel(out_fast, out_ref) < 2e-2
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        assert rel(a, b) < 3e-2, name
+
+
+@gpu
+@pytest.mark.gpu
+def test_cudnn_mla_matches_reference():
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((2, 1024, 16, 192)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((2, 1024, 16, 192)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((2, 1024, 16, 128)), jnp.bfloat16)
+    fast = attention(q, k, v, scale=192 ** -0.5, impl="cudnn")
+    ref = attention(*(t.astype(jnp.float32) for t in (q, k, v)), scale=192 ** -0.5)
+    assert rel(fast, ref) < 2e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_bf16_model_logits_match_float32():
+    """Mean per-token KL(p_fp32 || p_bf16) <= 1e-3 on the small preset's shapes."""
+    cfg = load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
+    params = sj.from_config(cfg, seed=0).params
+    idx = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 1024))
+    lp32 = jax.nn.log_softmax(sj.SWAMLA(cfg).apply({"params": params}, idx)[0])
+    lp16 = jax.nn.log_softmax(sj.SWAMLA(cfg, dtype=jnp.bfloat16).apply({"params": params}, idx)[0])
+    kl = jnp.sum(jnp.exp(lp32) * (lp32 - lp16), axis=-1).mean()
+    assert float(kl) <= 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_fp8_gemms_are_in_the_compiled_hlo():
+    """The XLA FP8 rewrite fails silently when the pattern breaks: assert the cuBLASLt FP8 GEMM."""
+    cfg = load_preset("tiny", n_embd=256, n_head=4, block_size=256)
+    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
+    params = sj.from_config(cfg).params
+    idx = jnp.zeros((4, 256), jnp.int32)
+    step = jax.jit(jax.grad(lambda p: module.apply({"params": p}, idx, idx)[1]))
+    hlo = step.lower(params).compile().as_text()
+    assert hlo.count("__cublas$lt$matmul$f8") >= 3 * cfg.n_layer  # fwd + two backward GEMMs
