@@ -10,6 +10,8 @@ mask (causal, window, sink).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,12 +33,33 @@ def visible_mask(T: int, S: int, window: int | None, sink: int, device) -> torch
     return mask
 
 
+ATTENTION_IMPLS = ("auto", "reference", "flex")
+
+
+def resolve_attention_impl(name: str, device: torch.device, dtype: torch.dtype,
+                           dropout: float) -> str:
+    """The one place a kernel is chosen: FlexAttention (SWA, block-sparse) and SDPA flash (MLA)
+    on CUDA in 16-bit without dropout (``auto``), else the reference path, exact in float32."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS} for PyTorch, got {name!r}")
+    if name == "auto":
+        fast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and dropout == 0
+        return "flex" if fast else "reference"
+    if name == "flex" and dropout > 0:
+        raise ValueError("attention_impl='flex' needs dropout 0; use 'reference'")
+    return name
+
+
 def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
-              dropout_p: float = 0.0) -> torch.Tensor:
+              dropout_p: float = 0.0, impl: str = "reference") -> torch.Tensor:
     """Causal (optionally windowed + sink) attention; q (B,T,H,D), k (B,S,K,D), v (B,S,K,V).
 
-    Reference path: explicit float32 scores and softmax, exact to the SPEC on any device.
+    ``impl="reference"``: explicit float32 scores and softmax, exact to the SPEC on any device.
+    ``impl="flex"``: FlexAttention with a block mask (tiles outside window + sink are skipped)
+    for SWA, and SDPA's flash/cuDNN kernels for plain causal MLA attention.
     """
+    if impl == "flex":
+        return _fast_attention(q, k, v, scale, window, sink)
     B, T, H, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     G = H // K
@@ -53,12 +76,45 @@ def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0
     return out.transpose(1, 2)  # (B, T, H, V)
 
 
+@functools.lru_cache(maxsize=32)
+def _swa_block_mask(T: int, window: int, sink: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):  # SPEC 3.1
+        return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink))
+
+    return create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def _fast_attention(q, k, v, scale, window, sink):
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if window is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=kh.shape[1] != qh.shape[1])
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        mask = _swa_block_mask(q.shape[1], window, sink, str(q.device))
+        out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale,
+                               enable_gqa=kh.shape[1] != qh.shape[1])
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    """flex_attention only runs its fused kernel compiled; eager it materializes the scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class SWAttention(nn.Module):
     """Sliding-window attention with an attention sink, RoPE and grouped-query heads (SPEC 3.1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.attention_impl = "reference"  # set by SWAMLA.set_attention_impl
         C, kv = cfg.n_embd, cfg.n_head_kv * cfg.head_dim
         self.q_proj = nn.Linear(C, C, bias=cfg.bias)
         self.k_proj = nn.Linear(C, kv, bias=cfg.bias)
@@ -78,7 +134,8 @@ class SWAttention(nn.Module):
                                                  or cfg.apply_logit_scale_during_training):
             q = (q.float() * logit_scale(cfg, positions)[:, None, None]).to(q.dtype)
         y = attention(q, k, v, scale=cfg.head_dim ** -0.5, window=cfg.swa_window,
-                      sink=cfg.swa_sink_size, dropout_p=cfg.dropout if self.training else 0.0)
+                      sink=cfg.swa_sink_size, dropout_p=cfg.dropout if self.training else 0.0,
+                      impl=self.attention_impl)
         return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
 
 
@@ -88,6 +145,7 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.attention_impl = "reference"  # set by SWAMLA.set_attention_impl
         C, H = cfg.n_embd, cfg.n_head
         dqk, dn, dv, r, dr = (cfg.mla_qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim,
                               cfg.kv_lora_rank, cfg.qk_rope_head_dim)
@@ -118,5 +176,5 @@ class MLAttention(nn.Module):
         k = torch.cat((kv[..., :dn], k_pe.expand(B, T, H, -1)), dim=-1)  # (B, T, H, N+E)
         v = kv[..., dn:]  # (B, T, H, V)
         y = attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5,
-                      dropout_p=cfg.dropout if self.training else 0.0)
+                      dropout_p=cfg.dropout if self.training else 0.0, impl=self.attention_impl)
         return self.resid_dropout(self.wo(y.reshape(B, T, H * dv)))

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
-from swamla_torch.attention import MLAttention, SWAttention
+from swamla_torch.attention import MLAttention, SWAttention, resolve_attention_impl
 from swamla_torch.layers import DynamicTanh, RMSNorm, SwiGLU, block_norm, rope_tables
 
 IGNORE_INDEX = -100
@@ -94,6 +94,14 @@ class SWAMLA(nn.Module):
                 m.weight.fill_(1.0)
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
+
+    def set_attention_impl(self, name: str, device, dtype) -> str:
+        """Pick the attention kernel once for the run (swamla_torch.attention.resolve_attention_impl)."""
+        impl = resolve_attention_impl(name, torch.device(device), dtype, self.config.dropout)
+        for m in self.modules():
+            if isinstance(m, (SWAttention, MLAttention)):
+                m.attention_impl = impl
+        return impl
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
