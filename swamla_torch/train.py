@@ -1,0 +1,328 @@
+"""The PyTorch trainer: ``train(cfg)`` on one device or under ``torchrun`` (DDP or FSDP2).
+
+    python train_torch.py --size tiny --source files --train_paths data/*.jsonl --max_iters 200
+    torchrun --nproc_per_node=8 train_torch.py --size base --compile [--fsdp]
+
+It shares with the JAX trainer the config and command line (``swamla.train_config``), the data
+(``swamla.data``), the schedule (``swamla.schedule.lr_at``), the optimizer definitions (optax's;
+``swamla_torch.optim``), the metrics, logs and plots (``swamla.metrics``) and the checkpoint format
+(``swamla.train_state``), so a run moves between frameworks with ``--resume DIR``.
+
+One optimizer step: ``gradient_accumulation_steps`` micro-batches (loss / k each; gradients
+all-reduced on the last only), the global gradient norm, a skip if the loss or norm is not finite
+(``max_bad_steps`` in a row stop the run), clipping, ``lr_at(step)``, the update.
+``step`` counts updates done, as in the JAX trainer and the training state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from swamla.config import ConfigError, check_token_ids, count_params
+from swamla.data import DataError, build_loader, merge_states
+from swamla.flops import mfu, peak_flops
+from swamla.metrics import MetricsLogger, ProgressBar, plot_metrics
+from swamla.portable import CheckpointError, check_tensors, save_portable
+from swamla.schedule import lr_at
+from swamla.signals import StopSignal
+from swamla.train_config import TrainConfig
+from swamla.train_state import is_train_state, load_train_state, save_train_state
+from swamla_torch import distributed
+from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
+                                     save_checkpoint, set_moments, set_rng_state)
+from swamla_torch.convert import load_portable_tensors
+from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum, full_numpy
+from swamla_torch.model import SWAMLA
+from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
+
+EXPORT_DIR = "export"
+PLOT_NAME = "loss_curve.png"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); checkpoints are kept."""
+
+
+# The errors that mean bad input (config, data, checkpoint), not a failed run: the CLI prints them.
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def export_train_state(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the portable training state of a PyTorch checkpoint (its RNG states dropped)."""
+    cfg, params, moments, meta = load_train_state(checkpoint)
+    return save_train_state(out, cfg, params, moments, meta)
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint or training state to continue from, per ``cfg.resume``."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.output_dir)
+    path = Path(cfg.resume)
+    if not is_train_state(path):
+        found = latest_checkpoint(path)  # an output_dir of an earlier run
+        if found is None:
+            raise ConfigError(f"resume={cfg.resume!r} is neither a training state (a directory "
+                              "with trainer_state.json) nor an output_dir holding checkpoints")
+        return found
+    return path
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as ``cfg`` says; returns the final metrics (step, loss, eval_loss, paths...)."""
+    if cfg.use_fp8:
+        raise ConfigError("use_fp8 is not supported by the PyTorch trainer; train with "
+                          "compute_dtype bfloat16 (or use train_jax.py)")
+    env = distributed.setup()
+    try:
+        with StopSignal() as stop:
+            return _Run(cfg, env, stop).run()
+    finally:
+        distributed.teardown(env)
+
+
+class _Run:
+    """One training run's state; ``run()`` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopSignal):
+        self.cfg, self.env, self.stop = cfg, env, stop
+        self.out = Path(cfg.output_dir)
+        resume_path = resolve_resume(cfg)
+        self.resume = load_checkpoint(resume_path) if resume_path is not None else None
+        self.step = self.resume.step if self.resume else 0
+        self.bad_total = self.resume.meta["bad_steps"] if self.resume else 0
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        raw = SWAMLA(cfg.model)
+        raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
+        raw.gradient_checkpointing = cfg.gradient_checkpointing
+        compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+        try:
+            self.attention_impl = raw.set_attention_impl(cfg.attention_impl, env.device,
+                                                         compute_dtype)
+        except ValueError as e:  # e.g. 'cudnn' (JAX only), or 'flex' with dropout
+            raise ConfigError(str(e)) from e
+        if self.resume:
+            self._check_resume(self.resume)
+            load_portable_tensors(raw, self.resume.params, str(self.resume.path))
+        self.par: Parallel = distributed.parallelize(raw.to(env.device), cfg, env)
+        self.params = [p for p in raw.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(raw.named_parameters(), cfg, env.device)
+        if self.resume:
+            set_moments(self.optimizer, raw, self.resume.moments, cfg.optimizer_type, self.step)
+        rng = self.resume.rng if self.resume else None
+        if rng is not None and len(rng) == env.world_size:
+            set_rng_state(rng[env.rank], env.device)
+        else:  # dropout streams differ per rank
+            torch.manual_seed(cfg.seed + env.rank)
+        self.autocast = torch.autocast(env.device.type, dtype=compute_dtype,
+                                       enabled=cfg.compute_dtype == "bfloat16")
+        self.loader = self._loader("train")
+        if self.resume and self.resume.meta["data_state"] is not None:
+            self.loader.load_state_dict(self.resume.meta["data_state"])
+        self.val_loader = None
+        self.n_params = count_params(cfg.model)
+        peak = peak_flops(env.device_name, "bf16")
+        self.peak = peak * env.world_size if peak else None
+
+    def _check_resume(self, resume) -> None:
+        cfg = self.cfg
+        if resume.meta["optimizer_type"] != cfg.optimizer_type:
+            raise ConfigError(f"{resume.path} holds {resume.meta['optimizer_type']} moments but "
+                              f"optimizer_type is {cfg.optimizer_type!r}; resume with "
+                              f"--optimizer_type {resume.meta['optimizer_type']}")
+        check_tensors(resume.params, cfg.model, f"{resume.path} (resumed with this run's model "
+                      "config)")
+        if resume.step > cfg.max_iters:
+            raise ConfigError(f"{resume.path} is at step {resume.step}, past max_iters "
+                              f"{cfg.max_iters}")
+
+    def _loader(self, split: str):
+        env, cfg = self.env, self.cfg
+        return build_loader(cfg.data, split, batch_size=cfg.batch_size,
+                            block_size=cfg.model.block_size, seed=cfg.seed,
+                            process_index=env.rank, process_count=env.world_size)
+
+    def _say(self, msg: str) -> None:
+        if self.env.is_main:
+            tqdm.write(msg)
+
+    # ------------------------------------------------------------------ one step
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a.astype(np.int64))
+        if self.env.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.env.device, non_blocking=True)
+
+    def _batch(self, loader):
+        batch = next(loader)
+        try:  # on the host, so the model need not sync the device (model.check_inputs)
+            check_token_ids(batch.inputs, self.cfg.model.vocab_size)
+            check_token_ids(batch.targets, self.cfg.model.vocab_size)
+        except ValueError as e:
+            raise DataError(f"{loader.split} batch after step {self.step}: {e}") from e
+        return self._to_device(batch.inputs), self._to_device(batch.targets)
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        """Forward/backward over the micro-batches, then the update unless non-finite.
+        Returns (mean loss over the global batch, pre-clip grad norm, whether any rank was
+        asked to stop)."""
+        k = self.cfg.gradient_accumulation_steps
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i in range(k):
+            x, y = self._batch(self.loader)
+            with self.par.grad_sync(i == k - 1), self.autocast:
+                _, loss = self.par.model(x, y)
+                (loss / k).backward()
+            loss_sum += loss.detach()
+        norm = global_grad_norm(self.params, sharded=self.par.fsdp)
+        # One collective and one host sync per step: the loss and every rank's stop request.
+        stats = all_reduce_sum(torch.stack([loss_sum / k, torch.tensor(
+            float(self.stop.should_stop), device=self.env.device)]), self.env)
+        loss, stop_votes, norm = torch.cat([stats, norm.reshape(1)]).tolist()
+        loss /= self.env.world_size
+        if math.isfinite(loss) and math.isfinite(norm):
+            clip_grads_(self.params, norm, self.cfg.grad_clip)
+            lr = lr_at(self.step, self.cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm, stop_votes > 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` validation batches (the same batches every time)."""
+        if self.val_loader is None:
+            self.val_loader = self._loader("val")
+        self.val_loader.reset()
+        self.par.model.eval()
+        total = torch.zeros((), device=self.env.device)
+        for _ in range(self.cfg.eval_iters):
+            x, y = self._batch(self.val_loader)
+            with self.autocast:
+                total += self.par.model(x, y)[1].float()
+        self.par.model.train()
+        loss = all_reduce_sum(total, self.env).item() / (self.cfg.eval_iters * self.env.world_size)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+
+    def save(self) -> Path:
+        states = distributed.all_gather_objects(self.loader.state_dict(), self.env)
+        path = save_checkpoint(checkpoint_dir(self.out, self.step), env=self.env,
+                               raw=self.par.raw, optimizer=self.optimizer, cfg=self.cfg,
+                               step=self.step, bad_steps=self.bad_total,
+                               data_state=merge_states(states))
+        self._say(f"saved checkpoint {path}")
+        return path
+
+    def export(self) -> Path | None:
+        tensors = {k: full_numpy(v) for k, v in self.par.raw.state_dict().items()}
+        if not self.env.is_main:
+            return None
+        path = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
+        self._say(f"exported portable checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "train_config.json")
+        self._say(cfg.describe(env.world_size))
+        self._say(f"device: {env.device_name} x {env.world_size}"
+                  + (" (FSDP2)" if self.par.fsdp else " (DDP)" if self.par.ddp else "")
+                  + f", attention {self.attention_impl}")
+        if cfg.fsdp and not self.par.fsdp:
+            self._say("fsdp: one process, nothing to shard; training unsharded")
+        if self.resume:
+            self._say(f"resumed from {self.resume.path} at step {self.step} (written by "
+                      f"{self.resume.meta['framework']})")
+        tokens_per_step = cfg.tokens_per_step(env.world_size)
+        final: dict = {"stopped_early": False, "checkpoint": None}
+        in_a_row, last_saved = 0, (self.step if self.resume else None)
+        window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "norm": float("nan")}
+        logger = MetricsLogger.from_config(cfg, resume_step=self.step if self.resume else None,
+                                           is_main=env.is_main)
+        bar = ProgressBar(cfg.max_iters, self.step, enabled=cfg.progress_bar,
+                          is_main=env.is_main)
+        try:
+            while self.step < cfg.max_iters:
+                loss, norm, stop = self._train_step()
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    in_a_row += 1
+                    self.bad_total += 1
+                    logger.log(self.step, {"loss": loss, "grad_norm": norm,
+                                           "skipped_steps": self.bad_total})
+                    self._say(f"step {self.step}: non-finite loss {loss} or grad norm {norm}; "
+                              f"update skipped ({in_a_row} in a row)")
+                    if in_a_row >= cfg.max_bad_steps:
+                        raise TrainingError(
+                            f"{in_a_row} consecutive non-finite steps (max_bad_steps="
+                            f"{cfg.max_bad_steps}) at step {self.step}; last good checkpoint: "
+                            f"{latest_checkpoint(self.out) or 'none'}. Lower learning_rate, "
+                            "check the data, or resume from that checkpoint")
+                else:
+                    in_a_row = 0
+                    self.step += 1
+                    window["loss"] += loss
+                    window["n"] += 1
+                    window["norm"] = norm
+                    final["loss"] = loss
+                    bar.update(1, {"loss": loss})
+                    if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                        logger.log(self.step, self._window_metrics(window, tokens_per_step))
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                        final.update(self.evaluate())
+                        logger.log(self.step, {k: final[k] for k in
+                                               ("eval_loss", "eval_perplexity")})
+                        window["t"] = time.perf_counter()  # eval time is not training time
+                    if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
+                        final["checkpoint"] = str(self.save())
+                        last_saved = self.step
+                        window["t"] = time.perf_counter()
+                if stop:
+                    self._say(f"stop requested at step {self.step}: saving and exiting")
+                    if last_saved != self.step:
+                        final["checkpoint"] = str(self.save())
+                    final["stopped_early"] = True
+                    break
+            if not final["stopped_early"]:
+                if last_saved != self.step:  # resumed at max_iters: nothing new to save
+                    final["checkpoint"] = str(self.save())
+                if cfg.export_portable:
+                    final["export"] = self.export()
+        finally:
+            bar.close()
+            logger.close()
+            self.loader.close()
+            if self.val_loader is not None:
+                self.val_loader.close()
+        if env.is_main and (self.out / "metrics.jsonl").is_file():
+            try:
+                final["plot"] = str(plot_metrics(self.out / "metrics.jsonl", self.out / PLOT_NAME))
+            except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
+                self._say(f"no plot: {e}")
+        final.update(step=self.step, skipped_steps=self.bad_total)
+        return final
+
+    def _window_metrics(self, window: dict, tokens_per_step: int) -> dict:
+        now = time.perf_counter()
+        tokens_per_s = window["n"] * tokens_per_step / max(now - window["t"], 1e-9)
+        metrics = {"loss": window["loss"] / max(window["n"], 1),
+                   "lr": lr_at(self.step - 1, self.cfg),  # the rate of the last update
+                   "grad_norm": window["norm"], "tokens_per_s": tokens_per_s,
+                   "mfu": mfu(self.n_params, tokens_per_s, self.peak),
+                   "mem_gb": (torch.cuda.max_memory_allocated(self.env.device) / 1e9
+                              if self.env.device.type == "cuda" else None),
+                   "skipped_steps": self.bad_total}
+        window.update(loss=0.0, n=0, t=now)
+        return {k: v for k, v in metrics.items() if v is not None}
+
