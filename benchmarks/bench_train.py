@@ -4,7 +4,8 @@
         torch:base:2048:bf16 --batch 8 --out bench.json --md bench.md
 
 A case is ``framework:preset:sequence:dtype`` (dtype bf16 or fp8; torch cases are compiled unless
-``--no-compile``). Each case runs in its own process (JAX preallocates GPU memory; one framework
+``--no-compile``), optionally followed by ``+field=value`` overrides of any training/model flag
+(``jax:small:2048:bf16+loss_chunk=0+swa_sink_size=0``) for ablations. Each case runs in its own process (JAX preallocates GPU memory; one framework
 must not hold memory while the other measures) and times whole optimizer steps: forward,
 backward, clipping and AdamW, on random tokens, after warm-up. MFU = 6 * params * tokens/s /
 peak (GPU.md's definition; tied embedding counted once). For FP8 cases the count of cuBLASLt FP8
@@ -25,9 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _train_flags(preset, seq, batch, dtype, remat):
+def _train_flags(preset, seq, batch, dtype, remat, extra=()):
     flags = ["--size", preset, "--block_size", str(seq), "--batch_size", str(batch),
              "--compute_dtype", "bfloat16", "--max_iters", "1000", "--warmup_iters", "10"]
+    for item in extra:
+        key, value = item.split("=", 1)
+        flags += [f"--{key}", value]
     if dtype == "fp8":
         flags.append("--use_fp8")
     if remat != "none":
@@ -35,7 +39,7 @@ def _train_flags(preset, seq, batch, dtype, remat):
     return flags
 
 
-def run_jax(preset, seq, batch, dtype, steps, remat):
+def run_jax(preset, seq, batch, dtype, steps, remat, extra=()):
     import jax
     import numpy as np
 
@@ -44,7 +48,7 @@ def run_jax(preset, seq, batch, dtype, steps, remat):
     from swamla_jax import sharding
     from swamla_jax.train import Trainer
 
-    cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat))
+    cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         trainer = Trainer(cfg, mesh)
@@ -73,15 +77,16 @@ def run_jax(preset, seq, batch, dtype, steps, remat):
                 device=jax.devices()[0].device_kind)
 
 
-def run_torch(preset, seq, batch, dtype, steps, remat, compile_model=True):
+def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=True):
     import torch
 
-    from swamla.config import count_params, load_preset
+    from swamla.config import count_params
+    from swamla.train_config import parse_args
     from swamla_torch.model import SWAMLA
 
     if dtype != "bf16":
         raise ValueError("torch cases take dtype bf16 (the FP8 torch path is not benchmarked)")
-    cfg = load_preset(preset, block_size=seq)
+    cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)).model
     torch.manual_seed(0)
     model = SWAMLA(cfg).cuda()
     model.check_inputs = False
@@ -124,12 +129,13 @@ def run_torch(preset, seq, batch, dtype, steps, remat, compile_model=True):
 
 
 def run_case(case: str, batch: int, steps: int, remat: str, compile_model: bool) -> dict:
-    framework, preset, seq, dtype = case.split(":")
+    base, *extra = case.split("+")
+    framework, preset, seq, dtype = base.split(":")
     seq = int(seq)
     b = max(1, batch * 2048 // seq) if seq > 2048 else batch  # same tokens per step
     fn = run_jax if framework == "jax" else run_torch
     kwargs = {} if framework == "jax" else {"compile_model": compile_model}
-    r = fn(preset, seq, b, dtype, steps, remat, **kwargs)
+    r = fn(preset, seq, b, dtype, steps, remat, extra, **kwargs)
     from swamla.flops import mfu, peak_flops
 
     tok_s = b * seq / r["step_s"]

@@ -8,6 +8,7 @@ sharding rules, never here. Kernels are stored ``[in, out]`` (the transpose of P
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -70,6 +71,34 @@ class Embed(nn.Module):
                           preferred_element_type=f32)
 
 
+# The norms and the SwiGLU activation compute in float32 but are cheap to redo: under
+# jax.checkpoint the backward pass recomputes them from their (compute-dtype) inputs, which are
+# kept anyway, instead of keeping float32 intermediates. This halves activation memory at no
+# measurable cost (a remat of elementwise ops only, not of matmuls).
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _rms_norm(x, w, eps, dtype):
+    xf = x.astype(f32)
+    return (w * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))).astype(dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x, w, b, eps, dtype):
+    xf = x.astype(f32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * lax.rsqrt(var + eps) * w + b).astype(dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _dyt(x, alpha, w, b, dtype):
+    return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(dtype)
+
+
+@jax.checkpoint
+def _swiglu(gate, up):
+    return nn.silu(gate) * up
+
+
 class RMSNorm(nn.Module):
     """``w * x * rsqrt(mean(x^2) + eps)`` in float32, cast to the compute dtype."""
 
@@ -79,9 +108,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = _param(self, "weight", nn.initializers.ones, ("norm",), (x.shape[-1],))
-        xf = x.astype(f32)
-        y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (w * y).astype(self.dtype)
+        return _rms_norm(x, w, self.eps, self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -95,10 +122,7 @@ class LayerNorm(nn.Module):
         n = x.shape[-1]
         w = _param(self, "weight", nn.initializers.ones, ("norm",), (n,))
         b = _param(self, "bias", nn.initializers.zeros, ("norm",), (n,))
-        xf = x.astype(f32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        return ((xf - mean) * lax.rsqrt(var + self.eps) * w + b).astype(self.dtype)
+        return _layer_norm(x, w, b, self.eps, self.dtype)
 
 
 class DynamicTanh(nn.Module):
@@ -113,7 +137,7 @@ class DynamicTanh(nn.Module):
         alpha = _param(self, "alpha", nn.initializers.constant(self.alpha_init), (), ())
         w = _param(self, "weight", nn.initializers.ones, ("norm",), (n,))
         b = _param(self, "bias", nn.initializers.zeros, ("norm",), (n,))
-        return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(self.dtype)
+        return _dyt(x, alpha, w, b, self.dtype)
 
 
 def block_norm(cfg: ModelConfig, dtype, name: str) -> nn.Module:
@@ -168,5 +192,5 @@ class SwiGLU(nn.Module):
                    dot_general=self.dot_general)
         gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", **lin)(x)  # (B, T, 2F)
         up, gate = gu[..., :h], gu[..., h:]
-        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(nn.silu(gate) * up)
+        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(_swiglu(gate, up))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

@@ -31,12 +31,14 @@ from swamla.metrics import MetricsLogger, ProgressBar, plot_metrics
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
 from swamla.train_config import TrainConfig
+from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
-from swamla_jax.convert import Model, init_params, save_pretrained
+from swamla_jax.convert import (Model, from_portable_tensors, init_params, save_pretrained,
+                                to_portable_tensors)
 from swamla_jax.fp8 import fp8_dot_general
 from swamla_jax.model import SWAMLA
-from swamla_jax.optim import build_optimizer
+from swamla_jax.optim import build_optimizer, moments_of, with_moments
 
 log = logging.getLogger("swamla_jax.train")
 
@@ -213,7 +215,8 @@ def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> d
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | None:
+def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | Path | None:
+    """A step of this run's checkpoints, a portable training state to import, or None."""
     latest = ckpt.latest_step()
     if cfg.resume == "none":
         if latest is not None:
@@ -223,9 +226,73 @@ def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | None:
         return None
     if cfg.resume == "auto":
         return latest
-    raise ConfigError(f"resume={cfg.resume!r}: a path is accepted only for a portable training "
-                      "state (see swamla.train_state); to continue a JAX run point --output_dir "
-                      "at it and use --resume auto")
+    if latest is not None:
+        raise ConfigError(f"resume={cfg.resume!r} but {ckpt.directory} already holds checkpoints: "
+                          "import a training state into a fresh --output_dir")
+    path = Path(cfg.resume)
+    if not is_train_state(path):
+        raise ConfigError(f"resume={cfg.resume!r} is not a portable training state (a directory "
+                          "with trainer_state.json, e.g. a PyTorch checkpoint or the output of "
+                          "python -m swamla.train_state export-jax); to continue a JAX run point "
+                          "--output_dir at it and use --resume auto")
+    return path
+
+
+def import_train_state(trainer: Trainer, path: Path):
+    """A TrainState (and its meta) from a portable training state written by either trainer."""
+    cfg = trainer.cfg
+    model_cfg, params, moments, meta = load_train_state(path)
+    if model_cfg != cfg.model:
+        raise ConfigError(f"{path} holds a different model than this run's config; run with "
+                          f"--config {path}/config.json or the same model flags")
+    if meta["optimizer_type"] != cfg.optimizer_type:
+        raise ConfigError(f"{path} holds {meta['optimizer_type']} moments but optimizer_type is "
+                          f"{cfg.optimizer_type!r}")
+    as_tree = lambda tensors: from_portable_tensors(  # noqa: E731
+        cfg.model, tensors, trainer.param_shapes)
+    tree = as_tree(params)
+    mu = as_tree({k: moments[f"{k}.exp_avg"] for k in params})
+    nu = (as_tree({k: moments[f"{k}.exp_avg_sq"] for k in params})
+          if cfg.optimizer_type == "adamw" else None)
+    if cfg.bf16_moments:
+        cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
+        mu, nu = cast(mu), None if nu is None else cast(nu)
+    step = int(meta["step"])
+
+    def build(tree, mu, nu):
+        state = trainer._fresh_state()
+        opt_state = with_moments(state.opt_state, mu, nu, jnp.asarray(step, jnp.int32))
+        return state.replace(step=jnp.asarray(step, jnp.int32), params=tree, opt_state=opt_state)
+
+    state = jax.jit(build, out_shardings=trainer.state_shardings)(tree, mu, nu)
+    return state, meta
+
+
+def export_train_state(src: str | Path, dst: str | Path) -> Path:
+    """Write the latest checkpoint of the JAX run in ``src`` as a portable training state."""
+    cfg = TrainConfig.load(Path(src) / "train_config.json") if (
+        Path(src) / "train_config.json").is_file() else None
+    if cfg is None:
+        raise ConfigError(f"{src} is not a JAX run directory (no train_config.json)")
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        trainer = Trainer(cfg, mesh)
+        ckpt = Checkpointer(src, cfg.keep_checkpoints, async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"{ckpt.directory} holds no checkpoint to export")
+        state, meta = ckpt.restore(step, trainer.abstract_state())
+        ckpt.close()
+    mu, nu, count = moments_of(state.opt_state)
+    tensors = lambda tree: to_portable_tensors(cfg.model, tree)  # noqa: E731
+    moments = {f"{k}.exp_avg": v for k, v in tensors(mu).items()}
+    if nu is not None:
+        moments.update({f"{k}.exp_avg_sq": v for k, v in tensors(nu).items()})
+    return save_train_state(dst, cfg.model, tensors(state.params), moments, {
+        "format": "swamla-train-state", "version": 1, "step": int(count),
+        "optimizer_type": cfg.optimizer_type, "train_config": cfg.to_dict(),
+        "data_state": meta["data_state"], "bad_steps": int(meta["skipped_total"]),
+        "framework": "jax"})
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -255,6 +322,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if start is None:
             state = trainer.init_state()
             step = 0
+        elif isinstance(start, Path):
+            state, meta = import_train_state(trainer, start)
+            if meta["data_state"] is not None:
+                train_loader.load_state_dict(meta["data_state"])
+            step, skipped_total = int(meta["step"]), int(meta["bad_steps"])
+            log.info("imported %s training state %s at step %d", meta["framework"], start, step)
         else:
             state, meta = ckpt.restore(start, trainer.abstract_state())
             train_loader.load_state_dict(meta["data_state"])
