@@ -2,8 +2,9 @@
 
     swamla-convert SRC DST --to {portable,jax,torch} [--dtype float32|bfloat16]
 
-SRC is detected: a portable directory (config.json + safetensors), a native JAX directory
-(config.json + params/ Orbax checkpoint) or a native PyTorch ``.pt`` file. Every conversion goes
+SRC is detected: a portable directory (config.json + safetensors; PyTorch training checkpoints
+are such directories), a native JAX directory (config.json + params/ Orbax checkpoint), a native
+PyTorch ``.pt`` file, or a trainer's output_dir (its newest checkpoint). Every conversion goes
 through the portable tensors, so JAX -> torch -> JAX is bit-exact. The backends are imported only
 when a conversion needs them.
 """
@@ -20,13 +21,22 @@ from swamla.portable import CheckpointError, is_portable_checkpoint, load_portab
 def detect_format(path: Path) -> str:
     if path.is_file() and path.suffix in (".pt", ".pth"):
         return "torch"
-    if is_portable_checkpoint(path):
+    if is_portable_checkpoint(path):  # PyTorch training checkpoints are portable directories too
         return "portable"
     if path.is_dir() and (path / "params").is_dir() and (path / "config.json").is_file():
         return "jax"
+    if path.is_dir() and (path / "train_config.json").is_file() and (path / "checkpoints").is_dir():
+        steps = _torch_steps(path)
+        return "torch-run" if steps else "jax-run"
     raise CheckpointError(
         f"{path} is not an SWA-MLA checkpoint: expected a portable directory (config.json + "
-        "model.safetensors), a JAX directory (config.json + params/) or a PyTorch .pt file")
+        "model.safetensors), a JAX directory (config.json + params/), a PyTorch .pt file, or a "
+        "trainer's output_dir (its newest checkpoint is read)")
+
+
+def _torch_steps(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "checkpoints").iterdir()
+                  if p.name.startswith("step_") and is_portable_checkpoint(p))
 
 
 def read_tensors(path: Path):
@@ -34,6 +44,14 @@ def read_tensors(path: Path):
     fmt = detect_format(path)
     if fmt == "portable":
         return load_portable(path)
+    if fmt == "torch-run":
+        return load_portable(_torch_steps(path)[-1])
+    if fmt == "jax-run":
+        from swamla_jax.convert import to_portable_tensors
+        from swamla_jax.train import restore_latest
+
+        cfg, state, _ = restore_latest(path)
+        return cfg.model, to_portable_tensors(cfg.model, state.params)
     if fmt == "jax":
         import swamla_jax
 

@@ -268,21 +268,26 @@ def import_train_state(trainer: Trainer, path: Path):
     return state, meta
 
 
-def export_train_state(src: str | Path, dst: str | Path) -> Path:
-    """Write the latest checkpoint of the JAX run in ``src`` as a portable training state."""
-    cfg = TrainConfig.load(Path(src) / "train_config.json") if (
-        Path(src) / "train_config.json").is_file() else None
-    if cfg is None:
-        raise ConfigError(f"{src} is not a JAX run directory (no train_config.json)")
+def restore_latest(run_dir: str | Path):
+    """(TrainConfig, TrainState on one device, meta) of the newest checkpoint of a JAX run."""
+    if not (Path(run_dir) / "train_config.json").is_file():
+        raise ConfigError(f"{run_dir} is not a JAX run directory (no train_config.json)")
+    cfg = TrainConfig.load(Path(run_dir) / "train_config.json")
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         trainer = Trainer(cfg, mesh)
-        ckpt = Checkpointer(src, cfg.keep_checkpoints, async_save=False)
+        ckpt = Checkpointer(run_dir, cfg.keep_checkpoints, async_save=False)
         step = ckpt.latest_step()
         if step is None:
-            raise ConfigError(f"{ckpt.directory} holds no checkpoint to export")
+            raise ConfigError(f"{ckpt.directory} holds no checkpoint")
         state, meta = ckpt.restore(step, trainer.abstract_state())
         ckpt.close()
+    return cfg, state, meta
+
+
+def export_train_state(src: str | Path, dst: str | Path) -> Path:
+    """Write the latest checkpoint of the JAX run in ``src`` as a portable training state."""
+    cfg, state, meta = restore_latest(src)
     mu, nu, count = moments_of(state.opt_state)
     tensors = lambda tree: to_portable_tensors(cfg.model, tree)  # noqa: E731
     moments = {f"{k}.exp_avg": v for k, v in tensors(mu).items()}

@@ -87,6 +87,12 @@ def test_tiny_run_learns_and_writes_everything(shards, tmp_path):
     import swamla_jax as sj
     exported = sj.load_pretrained(out / "export")  # a portable checkpoint, loadable anywhere
     assert exported.config.n_layer == 4
+    # The run directory itself is a source for the converter and the generate commands.
+    from swamla.convert_cli import read_tensors
+    cfg, tensors = read_tensors(out)
+    assert cfg == exported.config
+    for k, v in sj.to_portable_tensors(cfg, exported.params).items():
+        np.testing.assert_array_equal(tensors[k], v)
 
 
 def test_accumulation_matches_one_big_batch(shards):
