@@ -18,24 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from swamla.data.shards import ShardWriter
+from swamla.data.synthetic import write_synthetic_shards
 from swamla.metrics import read_metrics
 from swamla.train_config import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_shards(directory: Path, n_docs: int = 400, seed: int = 0) -> Path:
-    """Learnable token shards: each document repeats a short random motif, EOS-terminated."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_docs), ("val", 40)):
-        writer = ShardWriter(directory, split, tokenizer_name="openai-community/gpt2",
-                             vocab_size=50257, eos_id=50256)
-        for _ in range(n):
-            motif = rng.integers(0, 64, rng.integers(3, 9))  # a small alphabet: fast to learn
-            writer.add(np.concatenate([np.tile(motif, rng.integers(4, 20)), [50256]]))
-        writer.close()
-    return directory
+def write_shards(directory: Path) -> Path:
+    return write_synthetic_shards(directory, n_docs=400, seed=0)
 
 
 @pytest.fixture(scope="module")
