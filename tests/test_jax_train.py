@@ -206,3 +206,98 @@ def test_restore_on_another_device_count(shards, tmp_path):
     assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["4"]
     run_in_subprocess(flags(shards, moved, "--batch_size", "4", "--max_iters", "10"), devices=2)
     np.testing.assert_allclose(losses(moved), losses(straight), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(shards, tmp_path):
+    """Multi-host JAX on one machine: 2 processes x 2 simulated devices through jax.distributed
+    (coordinator flags), FSDP over all 4, match a single process on 4 devices."""
+    import socket
+
+    single = tmp_path / "single"
+    run_in_subprocess(flags(shards, single, "--batch_size", "2"), devices=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    multi = tmp_path / "multi"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    procs = []
+    for pid in range(2):
+        argv = flags(shards, multi, "--batch_size", "2", "--coordinator_address",
+                     f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid))
+        code = f"from swamla.train_config import parse_args\nimport swamla_jax.train as t\n" \
+               f"t.train(parse_args({argv!r}))"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-4000:]
+    np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
+    assert (multi / "checkpoints" / "8").is_dir() and (multi / "export").is_dir()
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_do_not_change_the_step(shards, policy):
+    """Rematerialization trades memory for compute; the loss and gradients stay the same."""
+    import jax
+
+    from swamla_jax import sharding
+    from swamla_jax.train import Trainer
+
+    batch = tuple(np.random.default_rng(1).integers(0, 50257, (1, 2, 32)).astype(np.int32)
+                  for _ in range(2))
+    curves = []
+    for extra in ((), ("--gradient_checkpointing", "--remat_policy", policy)):
+        cfg = parse_args(flags(shards, Path("unused"), *extra))
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        with jax.set_mesh(mesh):
+            trainer = Trainer(cfg, mesh)
+            state = trainer.init_state()
+            curve = []
+            for _ in range(2):
+                state, m = trainer.train_step(state, batch)
+                curve.append((float(m["loss"]), float(m["grad_norm"])))
+        curves.append(curve)
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lion"])
+def test_bf16_moments_train_and_halve_state(shards, tmp_path, optimizer):
+    """The seed's "FP8" optimizers: bfloat16 moments (stochastically rounded), float32 params."""
+    import jax
+    import jax.numpy as jnp
+
+    from swamla_jax import sharding
+    from swamla_jax.optim import moments_of
+    from swamla_jax.train import Trainer, train
+
+    out = tmp_path / optimizer
+    train(parse_args(flags(shards, out, "--max_iters", "20", "--bf16_moments",
+                           "--optimizer_type", optimizer, "--learning_rate", "1e-3")))
+    curve = losses(out)
+    assert curve[-3:].mean() < curve[:3].mean() - 0.5
+    cfg = parse_args(flags(shards, out, "--bf16_moments", "--optimizer_type", optimizer))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        mu, nu, _ = moments_of(Trainer(cfg, mesh).state_shapes.opt_state)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(mu))
+    assert (nu is None) == (optimizer == "lion")
+
+
+def test_stochastic_rounding_keeps_a_slow_decay_decaying():
+    """beta2 = 0.999 in bfloat16: round-to-nearest stalls, stochastic rounding decays on average."""
+    import jax
+    import jax.numpy as jnp
+
+    from swamla_jax.optim import stochastic_round_bf16
+
+    v_nearest = jnp.ones((4096,), jnp.bfloat16)
+    v_stochastic = v_nearest
+    key = jax.random.key(0)
+    for _ in range(200):
+        key, sub = jax.random.split(key)
+        v_nearest = (0.999 * v_nearest.astype(jnp.float32)).astype(jnp.bfloat16)
+        v_stochastic = stochastic_round_bf16(0.999 * v_stochastic.astype(jnp.float32), sub)
+    assert float(v_nearest.mean()) == 1.0  # stalled
+    assert abs(float(v_stochastic.astype(jnp.float32).mean()) - 0.999 ** 200) < 5e-3
