@@ -72,30 +72,16 @@ def data(paths):
     return "FineWeb-Edu stream reachable"
 
 
-def jax_step(tmp):
-    from swamla.train_config import parse_args
-    from swamla_jax.train import train
-
+def one_step(tmp, backend: str):
+    """One tiny training step through the backend's real trainer, on synthetic shards."""
     from swamla.data.synthetic import write_synthetic_shards
+    from swamla.train_config import parse_args
 
+    train = __import__(f"swamla_{backend}.train", fromlist=["train"]).train
     shards = write_synthetic_shards(Path(tmp) / "shards", n_docs=50)
     out = train(parse_args(["--size", "tiny", "--block_size", "32", "--batch_size", "2",
                             "--source", "shards", "--train_paths", str(shards), "--max_iters", "1",
-                            "--eval_iters", "1", "--output_dir", str(Path(tmp) / "jax"),
-                            "--no-progress_bar", "--no-export_portable"]))
-    return f"loss {out['loss']:.3f}"
-
-
-def torch_step(tmp):
-    from swamla.train_config import parse_args
-    from swamla_torch.train import train
-
-    from swamla.data.synthetic import write_synthetic_shards
-
-    shards = write_synthetic_shards(Path(tmp) / "shards", n_docs=50)
-    out = train(parse_args(["--size", "tiny", "--block_size", "32", "--batch_size", "2",
-                            "--source", "shards", "--train_paths", str(shards), "--max_iters", "1",
-                            "--eval_iters", "1", "--output_dir", str(Path(tmp) / "torch"),
+                            "--eval_iters", "1", "--output_dir", str(Path(tmp) / backend),
                             "--no-progress_bar", "--no-export_portable"]))
     return f"loss {out['loss']:.3f}"
 
@@ -120,8 +106,8 @@ def main(argv=None) -> int:
     check("data", lambda: data(args.data), required=bool(args.data))
     print("one training step each")
     with tempfile.TemporaryDirectory() as tmp:
-        ok &= check("JAX", lambda: jax_step(tmp))
-        check("PyTorch", lambda: torch_step(tmp), required=False)
+        ok &= check("JAX", lambda: one_step(tmp, "jax"))
+        check("PyTorch", lambda: one_step(tmp, "torch"), required=False)
     print("setup OK" if ok else "setup has problems (see FAIL lines)")
     return 0 if ok else 1
 

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from swamla.config import ConfigError, ModelConfig, count_params, preset_path
+from swamla.config import ConfigError, ModelConfig, count_params, preset_path, read_json
 
 DEFAULT_SIZE = "small"
 OPTIMIZERS = ("adamw", "lion")
@@ -331,19 +331,6 @@ def build_data_config(fields: Mapping[str, Any], *, source: str = "data"):
         return cls(**kwargs)
     except ValueError as e:  # DataConfig's own validation error (swamla.data.DataError)
         raise ConfigError(f"{source}: data: {e}") from e
-
-
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return data
 
 
 def _listify(value, tp):
