@@ -58,13 +58,34 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     return loss.sum() / valid.sum().clamp(min=1)
 
 
+def chunked_cross_entropy(head, x, targets, label_smoothing: float, chunk: int):
+    """SPEC 5 loss over sequence chunks: one chunk's logits at a time, recomputed in backward
+    (``torch.utils.checkpoint``), so float32 logits never exist for the whole batch."""
+    total = x.new_zeros((), dtype=torch.float32)
+    count = targets.new_zeros(())
+    for start in range(0, x.shape[1], chunk):
+        xc, tc = x[:, start:start + chunk], targets[:, start:start + chunk]
+        mean = torch.utils.checkpoint.checkpoint(
+            lambda xc, tc: cross_entropy(head(xc), tc, label_smoothing), xc, tc,
+            use_reentrant=False)
+        n = (tc != IGNORE_INDEX).sum()
+        total = total + mean * n
+        count = count + n
+    return total / count.clamp(min=1)
+
+
 class SWAMLA(nn.Module):
-    """Token ids (B, T) -> logits (B, T, V) and, given targets, the mean loss."""
+    """Token ids (B, T) -> logits (B, T, V) and, given targets, the mean loss.
+
+    With ``loss_chunk > 0`` and targets, the loss is computed over chunks of that many positions
+    (logits are then not returned: None), as in ``swamla_jax.model``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
+        self.loss_chunk = 0
         # The trainer checks batches on the host and turns this off to avoid a device sync a step.
         self.check_inputs = True
         blocks = [SWABlock(cfg) if kind is BlockKind.SWA else MLABlock(cfg)
@@ -103,6 +124,9 @@ class SWAMLA(nn.Module):
                 m.attention_impl = impl
         return impl
 
+    def _head(self, x):
+        return x @ self.transformer.wte.weight.to(x.dtype).T  # (B, T, V), tied head
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -125,7 +149,10 @@ class SWAMLA(nn.Module):
             else:
                 x = block(x, ropes, positions)
         x = self.transformer.ln_f(x)
-        logits = x @ self.transformer.wte.weight.to(x.dtype).T  # (B, T, V), tied head
+        if targets is not None and self.loss_chunk and T > self.loss_chunk:
+            return None, chunked_cross_entropy(self._head, x, targets, cfg.label_smoothing,
+                                               self.loss_chunk)
+        logits = self._head(x)
         loss = None
         if targets is not None:
             loss = cross_entropy(logits, targets, cfg.label_smoothing)

@@ -103,6 +103,7 @@ class _Run:
         raw = SWAMLA(cfg.model)
         raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
         raw.gradient_checkpointing = cfg.gradient_checkpointing
+        raw.loss_chunk = cfg.loss_chunk
         compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
         try:
             self.attention_impl = raw.set_attention_impl(cfg.attention_impl, env.device,
