@@ -112,3 +112,22 @@ def test_failed_save_keeps_previous_checkpoint(ckpt, cfg, monkeypatch):
     after = load_file(str(ckpt / "model.safetensors"))
     assert set(after) == set(before) and all(np.array_equal(after[k], before[k]) for k in before)
     assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+def test_jax_dropout_is_random_in_training_only():
+    """Dropout (embedding, attention probabilities, residual) acts only with train=True, and is
+    a function of the rng."""
+    import jax
+
+    cfg = load_preset("tiny", n_layer=3, dropout=0.2)
+    model = sj.from_config(cfg)
+    idx = np.random.default_rng(0).integers(0, 1000, (2, 40))
+    eval_a, eval_b = model(idx)[0], model(idx)[0]
+    np.testing.assert_array_equal(eval_a, eval_b)
+    a = model(idx, train=True, rng=jax.random.key(1))[0]
+    b = model(idx, train=True, rng=jax.random.key(1))[0]
+    c = model(idx, train=True, rng=jax.random.key(2))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, eval_a)
+    with pytest.raises(ValueError, match="needs rng"):
+        model(idx, train=True)
