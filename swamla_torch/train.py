@@ -38,6 +38,7 @@ from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_che
                                      save_checkpoint, set_moments, set_rng_state)
 from swamla_torch.convert import load_portable_tensors
 from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum, full_numpy
+from swamla_torch.fp8 import use_fp8_linears
 from swamla_torch.model import SWAMLA
 from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
 
@@ -77,9 +78,6 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the final metrics (step, loss, eval_loss, paths...)."""
-    if cfg.use_fp8:
-        raise ConfigError("use_fp8 is not supported by the PyTorch trainer; train with "
-                          "compute_dtype bfloat16 (or use train_jax.py)")
     env = distributed.setup()
     try:
         with StopSignal() as stop:
@@ -104,6 +102,8 @@ class _Run:
         raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
         raw.gradient_checkpointing = cfg.gradient_checkpointing
         raw.loss_chunk = cfg.loss_chunk
+        if cfg.use_fp8:  # block projections as FP8 GEMMs (torch._scaled_mm), swamla_torch.fp8
+            use_fp8_linears(raw)
         compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
         try:
             self.attention_impl = raw.set_attention_impl(cfg.attention_impl, env.device,

@@ -43,7 +43,7 @@ def losses(out):
 
 def initial_state(tmp_path, optimizer: str):
     """Step 0: the same random weights and zero moments for both frameworks."""
-    cfg = parse_args(flags("x", "x", 1, optimizer)).model
+    cfg = parse_args(flags("x", "x", 5, optimizer)).model
     params = sj.to_portable_tensors(cfg, sj.from_config(cfg, seed=7).params)
     names = ("exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("exp_avg",)
     moments = {f"{k}.{n}": np.zeros_like(v) for k, v in params.items() for n in names}
