@@ -8,6 +8,7 @@ previous checkpoint untouched).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,41 +111,54 @@ def _abbrev(items, n=6):
 
 def save_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: str | Path, *,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write ``config.json`` and the safetensors weights into ``directory`` atomically.
-
-    The files are written to a temporary sibling directory that replaces ``directory`` only once
-    complete, so an interrupted save never leaves a torn checkpoint behind.
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    """Write ``config.json`` and the safetensors weights into ``directory`` atomically."""
     check_tensors(tensors, cfg, "the model being saved")
+    with atomic_directory(directory) as tmp:
+        write_portable(tensors, cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path):
+    """Yield a temporary sibling of ``directory`` that replaces it only once the block completes.
+
+    A crash, kill or full disk inside the block leaves ``directory`` (the last good checkpoint)
+    as it was; the temporary is removed on error.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        # .copy(order="C") rather than np.ascontiguousarray, which turns a 0-d DyT alpha into 1-d.
-        arrays = {k: np.asarray(v, dtype=np.float32).astype(_DTYPES[dtype]).copy(order="C")
-                  for k, v in tensors.items()}
-        shards = _split_shards(arrays, max_shard_bytes)
-        meta = {"format": "pt", "swamla_format_version": "1"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=meta)
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards, 1):
-                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=meta)
-                weight_map.update({k: name for k in shard})
-            total = sum(a.nbytes for a in arrays.values())
-            (tmp / INDEX_NAME).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        cfg.save(tmp / CONFIG_NAME)
+        yield tmp
         _fsync_dir(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+
+
+def write_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: Path, *,
+                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The files of a portable checkpoint into an existing (temporary) directory."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    # .copy(order="C") rather than np.ascontiguousarray, which turns a 0-d DyT alpha into 1-d.
+    arrays = {k: np.asarray(v, dtype=np.float32).astype(_DTYPES[dtype]).copy(order="C")
+              for k, v in tensors.items()}
+    shards = _split_shards(arrays, max_shard_bytes)
+    meta = {"format": "pt", "swamla_format_version": "1"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=meta)
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(a.nbytes for a in arrays.values())
+        (directory / INDEX_NAME).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg.save(directory / CONFIG_NAME)
 
 
 def _split_shards(arrays, max_bytes):

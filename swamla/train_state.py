@@ -27,9 +27,7 @@ import argparse
 import importlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,9 +35,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from swamla.config import ModelConfig
-# The portable checkpoint's own atomic-directory helpers, so both formats swap directories alike.
-from swamla.portable import (CheckpointError, _abbrev, _fsync_dir, _replace_dir, check_tensors,
-                             load_portable, save_portable)
+from swamla.portable import (CheckpointError, _abbrev, atomic_directory, check_tensors,
+                             load_portable, write_portable)
 
 FORMAT = "swamla-train-state"
 VERSION = 1
@@ -136,27 +133,20 @@ def save_train_state(directory: str | Path, cfg: ModelConfig, params: Mapping[st
     meta = check_meta(meta, "the training state being saved")
     check_tensors(dict(params), cfg, "the training state being saved")
     check_moments(moments, params, meta["optimizer_type"], "the training state being saved")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_portable(dict(params), cfg, tmp)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (STATE_NAME, OPTIMIZER_NAME):
+            raise TrainStateError(f"extra file name {name!r} must be a plain file name other "
+                                  "than the format's own")
+    with atomic_directory(directory) as tmp:
+        write_portable(dict(params), cfg, tmp)
         save_file({k: np.asarray(v, dtype=np.float32).copy(order="C")
                    for k, v in moments.items()}, str(tmp / OPTIMIZER_NAME),
                   metadata={"format": "pt"})
         for name, data in (extra_files or {}).items():
-            if Path(name).name != name or name in (STATE_NAME, OPTIMIZER_NAME):
-                raise TrainStateError(f"extra file name {name!r} must be a plain file name "
-                                      "other than the format's own")
             (tmp / name).write_bytes(data)
         # trainer_state.json marks a complete state, so it is written last.
         (tmp / STATE_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
-        _fsync_dir(tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def load_train_state(directory: str | Path
