@@ -115,7 +115,7 @@ class ModelConfig:
             raise ConfigError(f"mla_norm must be 'layernorm' or 'rmsnorm', got {self.mla_norm!r}")
         if self.rope_scaling is not None:
             if set(self.rope_scaling) != {"type", "factor"} or self.rope_scaling["type"] != "linear":
-                raise ConfigError("rope_scaling must be null or {\"type\": \"linear\", \"factor\": f}, "
+                raise ConfigError('rope_scaling must be null or {"type": "linear", "factor": f}, '
                                   f"got {self.rope_scaling!r}")
             factor = self.rope_scaling["factor"]
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
@@ -282,7 +282,8 @@ def count_params(cfg: ModelConfig) -> int:
     mlp = lin(C, 2 * h) + lin(h, C)
     kv = cfg.n_head_kv * cfg.head_dim
     swa = 2 * norm + lin(C, C) + 2 * lin(C, kv) + lin(C, C) + mlp
-    H, dqk, dv, r, dr = cfg.n_head, cfg.mla_qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    H, dqk, dv = cfg.n_head, cfg.mla_qk_head_dim, cfg.v_head_dim
+    r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     lat_norm = (lambda n: 2 * n) if cfg.mla_norm == "layernorm" else (lambda n: n)
     if cfg.q_lora_rank:
         q = lin(C, cfg.q_lora_rank) + lat_norm(cfg.q_lora_rank) + lin(cfg.q_lora_rank, H * dqk)

@@ -92,7 +92,6 @@ def _fast_attention(q, k, v, scale, window, sink):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                              enable_gqa=kh.shape[1] != qh.shape[1])
     else:
-        from torch.nn.attention.flex_attention import flex_attention
 
         mask = _swa_block_mask(q.shape[1], window, sink, str(q.device))
         out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale,

@@ -55,7 +55,9 @@ class LayerNorm(nn.LayerNorm):
 
 
 def block_norm(cfg: ModelConfig) -> nn.Module:
-    return DynamicTanh(cfg.n_embd, cfg.dyt_alpha_init) if cfg.use_dyt else RMSNorm(cfg.n_embd, cfg.norm_eps)
+    if cfg.use_dyt:
+        return DynamicTanh(cfg.n_embd, cfg.dyt_alpha_init)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
 def latent_norm(cfg: ModelConfig, dim: int) -> nn.Module:

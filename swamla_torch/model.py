@@ -117,7 +117,7 @@ class SWAMLA(nn.Module):
                     m.bias.zero_()
 
     def set_attention_impl(self, name: str, device, dtype) -> str:
-        """Pick the attention kernel once for the run (swamla_torch.attention.resolve_attention_impl)."""
+        """Pick the attention kernel once for the run (attention.resolve_attention_impl)."""
         impl = resolve_attention_impl(name, torch.device(device), dtype, self.config.dropout)
         for m in self.modules():
             if isinstance(m, (SWAttention, MLAttention)):
