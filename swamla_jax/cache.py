@@ -15,14 +15,14 @@ Per layer the cache holds (``init_cache``):
 One function, :func:`forward_chunk`, runs T new tokens per row at per-row positions
 ``start_b .. start_b + T - 1`` against the cache: chunked prefill uses it with T = chunk, decode
 with T = 1. It reads the model's own parameter tree (``cycles/block_j`` stacked over cycle
-repeats, scanned here as in the model, then ``h_i``) and its own Linear/norm/MLP modules.
+repeats, then ``h_i``) and its own Linear/norm/MLP modules, layer by layer (unrolled, so every
+layer's cache is its own buffer and a new token is written into it in place).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from swamla.config import BlockKind, ModelConfig
 from swamla_jax.layers import (Embed, Linear, SwiGLU, apply_rope, block_norm, f32, latent_norm,
@@ -32,8 +32,8 @@ NO_POSITION = -1  # an empty ring slot
 
 
 # ------------------------------------------------------------------------------- the cache
-def _layer_cache(cfg: ModelConfig, kind: BlockKind, batch: int, cache_len: int, dtype, lead=()):
-    z = lambda *shape: jnp.zeros(lead + (batch,) + shape, dtype)  # noqa: E731
+def _layer_cache(cfg: ModelConfig, kind: BlockKind, batch: int, cache_len: int, dtype):
+    z = lambda *shape: jnp.zeros((batch,) + shape, dtype)  # noqa: E731
     if kind is BlockKind.SWA:
         K, D = cfg.n_head_kv, cfg.head_dim
         return {"k": z(cfg.swa_window, K, D), "v": z(cfg.swa_window, K, D),
@@ -42,17 +42,14 @@ def _layer_cache(cfg: ModelConfig, kind: BlockKind, batch: int, cache_len: int, 
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=f32) -> dict:
-    """An empty cache laid out like the parameter tree (``cycles/block_j`` stacked, ``h_i``).
+    """An empty cache: one buffer set per layer (``h_{i}``), never stacked.
 
+    Separate buffers let the decode loop write each new token into its layer's cache in place;
+    a stacked cache scanned over layers would be rewritten whole at every token.
     ``swa_pos`` (B, W) is the position each ring slot holds (shared by all SWA layers).
     """
-    layers = {}
-    if cfg.n_cycles:
-        layers["cycles"] = {f"block_{j}": _layer_cache(cfg, kind, batch, cache_len, dtype,
-                                                       (cfg.n_cycles,))
-                            for j, kind in enumerate(cfg.cycle)}
-    for i in range(cfg.n_cycles * len(cfg.cycle), cfg.n_layer):
-        layers[f"h_{i}"] = _layer_cache(cfg, cfg.block_kinds[i], batch, cache_len, dtype)
+    layers = {f"h_{i}": _layer_cache(cfg, kind, batch, cache_len, dtype)
+              for i, kind in enumerate(cfg.block_kinds)}
     return {"layers": layers,
             "swa_pos": jnp.full((batch, cfg.swa_window), NO_POSITION, jnp.int32)}
 
@@ -221,29 +218,23 @@ def forward_chunk(cfg: ModelConfig, params, cache, tokens, start, end, dtype=f32
     plan = _chunk_plan(cfg, cache, pos, start, end, S)
     x = Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype).apply({"params": params["wte"]}, tokens)
     new = {}
-    if cfg.n_cycles:
-        def cycle(x, pc):
-            p, c = pc
-            out = {}
-            for j, kind in enumerate(cfg.cycle):
-                x, out[f"block_{j}"] = _block(cfg, kind, p[f"block_{j}"], c[f"block_{j}"], x,
-                                              plan, dtype)
-            return x, out
-        x, new["cycles"] = lax.scan(cycle, x, (params["cycles"], layers["cycles"]))
-    for i in range(cfg.n_cycles * len(cfg.cycle), cfg.n_layer):
-        x, new[f"h_{i}"] = _block(cfg, cfg.block_kinds[i], params[f"h_{i}"], layers[f"h_{i}"], x,
+    for i, kind in enumerate(cfg.block_kinds):  # unrolled: each layer updates its own buffers
+        x, new[f"h_{i}"] = _block(cfg, kind, layer_params(cfg, params, i), layers[f"h_{i}"], x,
                                   plan, dtype)
     x = block_norm(cfg, dtype, None).apply({"params": params["ln_f"]}, x)
     return x, {"layers": new, "swa_pos": plan["swa_pos"]}
 
 
+def layer_params(cfg: ModelConfig, params, i: int):
+    """Layer i's parameters: row ``i // L`` of the stacked ``cycles/block_{i % L}``, or ``h_i``."""
+    L = len(cfg.cycle)
+    if i < cfg.n_cycles * L:
+        return jax.tree_util.tree_map(lambda a: a[i // L], params["cycles"][f"block_{i % L}"])
+    return params[f"h_{i}"]
+
+
 def _mla_caches(cfg, layers):
-    for j, kind in enumerate(cfg.cycle if cfg.n_cycles else ()):
-        if kind is BlockKind.MLA:
-            yield layers["cycles"][f"block_{j}"]
-    for i in range(cfg.n_cycles * len(cfg.cycle), cfg.n_layer):
-        if cfg.block_kinds[i] is BlockKind.MLA:
-            yield layers[f"h_{i}"]
+    return [layers[f"h_{i}"] for i, kind in enumerate(cfg.block_kinds) if kind is BlockKind.MLA]
 
 
 def logits(cfg: ModelConfig, params, x, dtype=f32):
