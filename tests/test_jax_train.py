@@ -301,3 +301,13 @@ def test_stochastic_rounding_keeps_a_slow_decay_decaying():
         v_stochastic = stochastic_round_bf16(0.999 * v_stochastic.astype(jnp.float32), sub)
     assert float(v_nearest.mean()) == 1.0  # stalled
     assert abs(float(v_stochastic.astype(jnp.float32).mean()) - 0.999 ** 200) < 5e-3
+
+
+def test_keeps_the_last_n_checkpoints(shards, tmp_path):
+    from swamla_jax.train import train
+
+    out = tmp_path / "keep"
+    train(parse_args(flags(shards, out, "--max_iters", "5", "--save_interval", "1",
+                           "--keep_checkpoints", "2", "--no-export_portable")))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "5"]
+    assert not (out / "export").exists()
