@@ -82,12 +82,12 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "ratio_kv",
                      "swa_window", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim", "logit_scale_window"):
-            _require_int(self, name, minimum=1)
+            require_int(self, name, minimum=1)
         for name in ("swa_sink_size", "q_lora_rank", "swa_layers_per_cycle",
                      "mla_layers_per_cycle", "logit_scale_offset"):
-            _require_int(self, name, minimum=0)
+            require_int(self, name, minimum=0)
         if self.mlp_hidden_dim is not None:
-            _require_int(self, "mlp_hidden_dim", minimum=1)
+            require_int(self, "mlp_hidden_dim", minimum=1)
         for name in ("bias", "use_dyt", "apply_logit_scale_during_training"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -105,12 +105,12 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
                               "(RoPE rotates pairs)")
-        _require_float(self, "dropout", lo=0.0, hi=1.0, hi_open=True)
-        _require_float(self, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
-        _require_float(self, "init_std", lo=0.0, lo_open=True)
-        _require_float(self, "norm_eps", lo=0.0, lo_open=True)
-        _require_float(self, "rope_theta", lo=1.0, lo_open=True)
-        _require_float(self, "dyt_alpha_init")
+        require_float(self, "dropout", lo=0.0, hi=1.0, hi_open=True)
+        require_float(self, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
+        require_float(self, "init_std", lo=0.0, lo_open=True)
+        require_float(self, "norm_eps", lo=0.0, lo_open=True)
+        require_float(self, "rope_theta", lo=1.0, lo_open=True)
+        require_float(self, "dyt_alpha_init")
         if self.mla_norm not in ("layernorm", "rmsnorm"):
             raise ConfigError(f"mla_norm must be 'layernorm' or 'rmsnorm', got {self.mla_norm!r}")
         if self.rope_scaling is not None:
@@ -121,9 +121,9 @@ class ModelConfig:
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
                 raise ConfigError(f"rope_scaling.factor must be a positive number, got {factor!r}")
         if self.logit_scale_base is not None:
-            _require_float(self, "logit_scale_base", lo=1.0, lo_open=True)
-            _require_float(self, "logit_scale_min", lo=0.0, lo_open=True)
-            _require_float(self, "logit_scale_max", lo=0.0, lo_open=True)
+            require_float(self, "logit_scale_base", lo=1.0, lo_open=True)
+            require_float(self, "logit_scale_min", lo=0.0, lo_open=True)
+            require_float(self, "logit_scale_max", lo=0.0, lo_open=True)
             if self.logit_scale_min > self.logit_scale_max:
                 raise ConfigError(f"logit_scale_min ({self.logit_scale_min}) must be <= "
                                   f"logit_scale_max ({self.logit_scale_max})")
@@ -225,7 +225,8 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
-def _require_int(cfg, name, minimum):
+def require_int(cfg, name, minimum):
+    """Field ``name`` of ``cfg`` must be an int >= minimum (not a bool)."""
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -233,7 +234,8 @@ def _require_int(cfg, name, minimum):
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _require_float(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False):
+def require_float(cfg, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """Field ``name`` of ``cfg`` must be a finite number within the given bounds."""
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")

@@ -72,6 +72,19 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """What both backends' ``generate`` return."""
+
+    tokens: list[list[int]]          # new tokens per row (EOS included when it stopped the row)
+    token_array: np.ndarray          # (B, N) integers, NO_TOKEN after a row stopped
+    step_logits: np.ndarray | None   # (B, N, V) float32: logits that chose token n (return_logits)
+    cache_bytes: int
+
+
+NO_TOKEN = -1  # in the output: the row had already stopped
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptBatch:
     """Prompts laid out for cached generation (the same in both backends)."""
 

@@ -22,7 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from swamla.config import ConfigError, ModelConfig, count_params, preset_path, read_json
+from swamla.config import (ConfigError, ModelConfig, count_params, preset_path, read_json,
+                           require_float, require_int)
 
 DEFAULT_SIZE = "small"
 OPTIMIZERS = ("adamw", "lion")
@@ -151,13 +152,13 @@ class TrainConfig:
                               f"{type(self.data).__name__}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "max_bad_steps",
                      "eval_interval", "eval_iters", "save_interval", "log_interval"):
-            _int(self, name, 1)
+            require_int(self, name, 1)
         for name in ("warmup_iters", "keep_checkpoints", "seed"):
-            _int(self, name, 0)
+            require_int(self, name, 0)
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
-            _float(self, name, lo=0.0, lo_open=(name == "learning_rate"))
+            require_float(self, name, lo=0.0, lo_open=(name == "learning_rate"))
         for name in ("beta1", "beta2"):
-            _float(self, name, lo=0.0, hi=1.0)
+            require_float(self, name, lo=0.0, hi=1.0)
             if getattr(self, name) == 1.0:
                 raise ConfigError(f"{name} must be < 1, got 1.0")
         for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
@@ -194,16 +195,16 @@ class TrainConfig:
                               f"{self.coordinator_address!r}")
         axes = ("mesh_data", "mesh_fsdp", "mesh_tensor")
         for name in axes:
-            _int(self, name, -1)
+            require_int(self, name, -1)
             if getattr(self, name) == 0:
                 raise ConfigError(f"{name} must be >= 1, or -1 to fill the remaining devices; "
                                   "got 0")
         if sum(getattr(self, a) == -1 for a in axes) > 1:
             raise ConfigError(f"at most one of {', '.join(axes)} may be -1")
         if self.num_processes is not None:
-            _int(self, "num_processes", 1)
+            require_int(self, "num_processes", 1)
         if self.process_id is not None:
-            _int(self, "process_id", 0)
+            require_int(self, "process_id", 0)
             if self.num_processes is not None and self.process_id >= self.num_processes:
                 raise ConfigError(f"process_id ({self.process_id}) must be < num_processes "
                                   f"({self.num_processes})")
@@ -347,24 +348,6 @@ def _unwrap(tp) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return (args[0] if len(args) == 1 else str), len(args) < len(typing.get_args(tp))
     return tp, False
-
-
-def _int(cfg, name, minimum):
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _float(cfg, name, lo=None, hi=None, lo_open=False):
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{name} must be <= {hi}, got {value}")
 
 
 def _choice(cfg, name, choices):

@@ -16,7 +16,6 @@ Shapes: B batch, T chunk time, V vocabulary, N new tokens.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -28,21 +27,14 @@ import numpy as np
 from jax.experimental import io_callback
 
 from swamla.config import ModelConfig
-from swamla.sampling import (GREEDY, PromptBatch, SamplingParams, build_parser, plan_batch,
-                             run_cli)
+from swamla.sampling import (GREEDY, NO_TOKEN, GenerationResult, PromptBatch, SamplingParams,
+                             build_parser, plan_batch, run_cli)
 from swamla_jax.cache import cache_nbytes, forward_chunk, init_cache, logits
 from swamla_jax.convert import Model
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
-NO_TOKEN = -1  # in the output buffer: the row had already stopped
 
 
-@dataclasses.dataclass
-class GenerationResult:
-    tokens: list[list[int]]          # new tokens per row (EOS included when it stopped the row)
-    token_array: np.ndarray          # (B, N) int32, NO_TOKEN after a row stopped
-    step_logits: np.ndarray | None   # (B, N, V) float32: logits that chose token n (return_logits)
-    cache_bytes: int
 
 
 # ------------------------------------------------------------------------------- sampling

@@ -15,29 +15,20 @@ Shapes: B batch, T chunk time, V vocabulary, N new tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from swamla.sampling import (GREEDY, PromptBatch, SamplingParams, build_parser, plan_batch,
-                             run_cli)
+from swamla.sampling import (GREEDY, NO_TOKEN, GenerationResult, PromptBatch, SamplingParams,
+                             build_parser, plan_batch, run_cli)
 from swamla_torch.cache import cache_nbytes, cache_tensors, forward_chunk, init_cache, logits
 from swamla_torch.model import SWAMLA
 
-NO_TOKEN = -1  # in the output: the row had already stopped
 _CHECK_DONE_EVERY = 8  # decode steps between host syncs that test "every row stopped"
 
 
-@dataclasses.dataclass
-class GenerationResult:
-    tokens: list[list[int]]          # new tokens per row (EOS included when it stopped the row)
-    token_array: np.ndarray          # (B, N) int64, NO_TOKEN after a row stopped
-    step_logits: np.ndarray | None   # (B, N, V) float32: logits that chose token n (return_logits)
-    cache_bytes: int
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator, sampling: SamplingParams,
