@@ -1,20 +1,28 @@
-"""Training-step benchmark: tokens/s, MFU, step time, peak memory and compile time.
+"""Training-step benchmark: tokens/s (total and per GPU), MFU, step time, peak memory, compile time.
 
     python benchmarks/bench_train.py --cases jax:base:2048:bf16 jax:base:2048:fp8 \
-        torch:base:2048:bf16 --batch 8 --out bench.json --md bench.md
+        torch:base:2048:bf16 jax:base:2048:bf16@4 torch:base:2048:bf16@4 --batch 8 \
+        --out bench.json --md bench.md
 
-A case is ``framework:preset:sequence:dtype`` (dtype bf16 or fp8; torch cases are compiled unless
-``--no-compile``), optionally followed by ``+field=value`` overrides of any training/model flag
-(``jax:small:2048:bf16+loss_chunk=0+swa_sink_size=0``) for ablations. Each case runs in its own process (JAX preallocates GPU memory; one framework
-must not hold memory while the other measures) and times whole optimizer steps: forward,
-backward, clipping and AdamW, on random tokens, after warm-up. MFU = 6 * params * tokens/s /
-peak (GPU.md's definition; tied embedding counted once). For FP8 cases the count of cuBLASLt FP8
-GEMMs in the compiled HLO is reported, so a silent fallback to bf16 shows.
+A case is ``framework:preset:sequence:dtype[@gpus]``: dtype bf16 or fp8 (JAX: float8
+``dot_general``; torch: ``torch._scaled_mm``), torch cases compiled unless ``--no-compile``. With
+``@gpus`` > 1 a JAX case runs one process over that many devices on the mesh its flags give
+(default all FSDP; ``+mesh_tensor=2`` etc.) and a torch case runs under torchrun with DDP
+(``+fsdp=true``: FSDP2), as the trainers would. ``--batch`` is per data-parallel GPU (weak
+scaling). ``+field=value`` overrides any training/model flag for ablations
+(``jax:small:2048:bf16+loss_chunk=0+scan_layers=false``).
+
+Each case runs in its own process (JAX preallocates GPU memory; one framework must not hold
+memory while the other measures) and times whole optimizer steps (forward, backward, clipping,
+AdamW) on random tokens after warm-up. MFU = 6 * params * tokens/s per GPU / peak (GPU.md's
+definition; tied embedding counted once). For JAX FP8 cases the count of cuBLASLt FP8 GEMMs in
+the compiled HLO is reported, so a silent fallback to bf16 shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -39,23 +47,38 @@ def _train_flags(preset, seq, batch, dtype, remat, extra=()):
     return flags
 
 
-def run_jax(preset, seq, batch, dtype, steps, remat, extra=()):
+@contextlib.contextmanager
+def jax_setup(preset, seq, batch, dtype, remat, extra=(), devices=1):
+    """Yields (trainer, state, batch arrays, mesh) for one case on the first ``devices`` devices,
+    inside the mesh and logical-axis-rules contexts the trainer runs under; ``batch`` is per
+    data-parallel device, as ``--batch_size`` is."""
+    import flax.linen as nn
     import jax
     import numpy as np
 
-    from swamla.config import count_params
     from swamla.train_config import parse_args
     from swamla_jax import sharding
     from swamla_jax.train import Trainer
 
     cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra))
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    with jax.set_mesh(mesh):
+    if devices > len(jax.devices()):
+        raise ValueError(f"case asks for {devices} devices, {len(jax.devices())} present")
+    mesh = sharding.make_mesh(cfg.mesh_shape(devices), jax.devices()[:devices])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         trainer = Trainer(cfg, mesh)
         state = trainer.init_state()
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, 50257, (2, 1, batch, seq)).astype(np.int32)
-        batch_arr = tuple(jax.device_put(t, trainer.batch_sharding) for t in tokens)
+        rows = batch * mesh.shape["data"] * mesh.shape["fsdp"]
+        tokens = np.random.default_rng(0).integers(0, 50257, (2, 1, rows, seq)).astype(np.int32)
+        yield trainer, state, tuple(jax.device_put(t, trainer.batch_sharding) for t in tokens), mesh
+
+
+def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):
+    import jax
+
+    from swamla.config import count_params
+
+    with jax_setup(preset, seq, batch, dtype, remat, extra, devices) as (trainer, state,
+                                                                         batch_arr, mesh):
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(state, batch_arr).compile()
         hlo = compiled.as_text()
@@ -70,92 +93,132 @@ def run_jax(preset, seq, batch, dtype, steps, remat, extra=()):
             state, m = compiled(state, batch_arr)
         jax.block_until_ready(m)
         step_s = (time.perf_counter() - t0) / steps
-        stats = jax.devices()[0].memory_stats() or {}
-    return dict(step_s=step_s, compile_s=compile_s, loss=float(m["loss"]),
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-                fp8_gemms=hlo.count("__cublas$lt$matmul$f8"), n_params=count_params(cfg.model),
-                device=jax.devices()[0].device_kind)
+        peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                   for d in mesh.devices.flat)
+    return dict(step_s=step_s, compile_s=compile_s, loss=float(m["loss"]), peak_gib=peak / 2**30,
+                fp8_gemms=hlo.count("__cublas$lt$matmul$f8"),
+                n_params=count_params(trainer.cfg.model), device=jax.devices()[0].device_kind,
+                rows=int(batch_arr[0].shape[1]), mesh=dict(mesh.shape))
 
 
-def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=True):
+def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=True, devices=1):
+    """One process per GPU: under torchrun (devices > 1) the model is wrapped in DDP, or FSDP2
+    with ``+fsdp=true``, exactly as train_torch.py wraps it; rank 0 reports."""
     import torch
 
     from swamla.config import count_params
     from swamla.train_config import parse_args
+    from swamla_torch import distributed
+    from swamla_torch.fp8 import use_fp8_linears
     from swamla_torch.model import SWAMLA
 
-    if dtype != "bf16":
-        raise ValueError("torch cases take dtype bf16 (the FP8 torch path is not benchmarked)")
-    cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)).model
+    cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)
+                     + (["--compile"] if compile_model else []))
+    env = distributed.setup()
+    if env.world_size != devices:
+        raise ValueError(f"case asks for {devices} GPUs, torchrun started {env.world_size}")
     torch.manual_seed(0)
-    model = SWAMLA(cfg).cuda()
-    model.check_inputs = False
-    model.gradient_checkpointing = remat != "none"
-    impl = model.set_attention_impl("auto", "cuda", torch.bfloat16)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "wte" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "wte" not in n)]
+    raw = SWAMLA(cfg.model).to(env.device)
+    raw.check_inputs = False
+    raw.gradient_checkpointing = remat != "none"
+    if dtype == "fp8":
+        use_fp8_linears(raw)
+    impl = raw.set_attention_impl("auto", env.device, torch.bfloat16)
+    cuda = env.device.type == "cuda"  # CPU runs (gloo) only check the launch path
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    decay = [p for n, p in raw.named_parameters() if p.ndim >= 2 and "wte" not in n]
+    other = [p for n, p in raw.named_parameters() if not (p.ndim >= 2 and "wte" not in n)]
+    par = distributed.parallelize(raw, cfg, env)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": other, "weight_decay": 0.0}], lr=1e-4,
-                            betas=(0.9, 0.95), fused=True)
-    fwd = torch.compile(model) if compile_model else model
-    x = torch.randint(0, 50257, (batch, seq), device="cuda")
+                            betas=(0.9, 0.95), fused=cuda and not par.fsdp)
+    x = torch.randint(0, 50257, (batch, seq), device=env.device,
+                      generator=torch.Generator(device=env.device).manual_seed(env.rank))
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = fwd(x, x)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16):
+            _, loss = par.model(x, x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     loss = step()
-    torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    distributed.barrier(env)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    torch.cuda.synchronize()
+    sync()
     step_s = (time.perf_counter() - t0) / steps
-    return dict(step_s=step_s, compile_s=compile_s, loss=float(loss),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, fp8_gemms=None,
-                n_params=count_params(cfg), device=torch.cuda.get_device_name(), attention=impl)
+    step_s = float(distributed.all_reduce_sum(torch.tensor(step_s, device=env.device),
+                                              env)) / env.world_size  # mean over ranks
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                        device=env.device)
+    if env.world_size > 1:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    out = dict(step_s=step_s, compile_s=compile_s, loss=float(loss), peak_gib=float(peak),
+               fp8_gemms=None, n_params=count_params(cfg.model),
+               device=env.device_name, attention=impl, rows=batch * env.world_size,
+               wrap="fsdp2" if par.fsdp else "ddp" if par.ddp is not None else "none",
+               is_main=env.is_main)
+    distributed.teardown(env)
+    return out
+
+
+def parse_case(case: str):
+    """``framework:preset:seq:dtype[@devices][+field=value...]`` -> its parts."""
+    head, *extra = case.split("+")
+    head, _, devices = head.partition("@")
+    try:
+        framework, preset, seq, dtype = head.split(":")
+        seq, devices = int(seq), int(devices or 1)
+    except ValueError:
+        raise SystemExit(f"bad case {case!r}: expected framework:preset:seq:dtype[@devices]"
+                         "[+field=value...], e.g. jax:base:2048:bf16@4+mesh_tensor=2") from None
+    if framework not in ("jax", "torch") or dtype not in ("bf16", "fp8"):
+        raise SystemExit(f"bad case {case!r}: framework is jax or torch, dtype bf16 or fp8")
+    return framework, preset, seq, dtype, devices, extra
 
 
 def run_case(case: str, batch: int, steps: int, remat: str, compile_model: bool) -> dict:
-    base, *extra = case.split("+")
-    framework, preset, seq, dtype = base.split(":")
-    seq = int(seq)
+    framework, preset, seq, dtype, devices, extra = parse_case(case)
     b = max(1, batch * 2048 // seq) if seq > 2048 else batch  # same tokens per step
     fn = run_jax if framework == "jax" else run_torch
     kwargs = {} if framework == "jax" else {"compile_model": compile_model}
-    r = fn(preset, seq, b, dtype, steps, remat, extra, **kwargs)
+    r = fn(preset, seq, b, dtype, steps, remat, extra, devices=devices, **kwargs)
     from swamla.flops import mfu, peak_flops
 
-    tok_s = b * seq / r["step_s"]
+    tok_s = r["rows"] * seq / r["step_s"]
+    per_gpu = tok_s / devices
     return dict(case=case, framework=framework, preset=preset, seq=seq, dtype=dtype, batch=b,
-                remat=remat, tokens_per_s=tok_s,
-                mfu=mfu(r["n_params"], tok_s, peak_flops(r["device"])), **r)
+                devices=devices, remat=remat, tokens_per_s=tok_s, tokens_per_s_per_gpu=per_gpu,
+                mfu=mfu(r["n_params"], per_gpu, peak_flops(r["device"])), **r)
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | batch | tokens/s | MFU | step ms | peak GiB | compile s | FP8 GEMMs | loss |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| case | GPUs | batch/GPU | tokens/s | tokens/s/GPU | MFU | step ms | peak GiB | "
+            "compile s | FP8 GEMMs | loss |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['case']} | | | failed: {r['error'][:80]} | | | | | | | |")
             continue
         mfu_s = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
-        lines.append(f"| {r['case']} | {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}K | {mfu_s} | "
-                     f"{1e3 * r['step_s']:.1f} | {r['peak_gib']:.1f} | {r['compile_s']:.0f} | "
-                     f"{r['fp8_gemms'] if r['fp8_gemms'] is not None else '-'} | {r['loss']:.3f} |")
+        fp8 = r["fp8_gemms"] if r["fp8_gemms"] is not None else "-"
+        lines.append(f"| {r['case']} | {r['devices']} | {r['batch']} | "
+                     f"{r['tokens_per_s'] / 1e3:.1f}K | {r['tokens_per_s_per_gpu'] / 1e3:.1f}K | "
+                     f"{mfu_s} | {1e3 * r['step_s']:.1f} | {r['peak_gib']:.1f} | "
+                     f"{r['compile_s']:.0f} | {fp8} | {r['loss']:.3f} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -169,18 +232,32 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="torch cases run eager")
     p.add_argument("--out", default="bench_train.json")
     p.add_argument("--md", default=None)
+    p.add_argument("--case-timeout", type=float, default=None,
+                   help="seconds before a case is stopped and reported as failed")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_case(args.cases[0], args.batch, args.steps, args.remat,
-                                               not args.no_compile)), flush=True)
+        result = run_case(args.cases[0], args.batch, args.steps, args.remat, not args.no_compile)
+        if result.pop("is_main", True):
+            print("RESULT " + json.dumps(result), flush=True)
         return
     rows = []
     for case in args.cases:
-        cmd = [sys.executable, __file__, "--one", "--cases", case, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--remat", args.remat] + (
+        framework, *_, devices, _ = parse_case(case)
+        launcher = [sys.executable]
+        if framework == "torch" and devices > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={devices}"]
+        cmd = launcher + [__file__, "--one", "--cases", case, "--batch", str(args.batch),
+                          "--steps", str(args.steps), "--remat", args.remat] + (
             ["--no-compile"] if args.no_compile else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
+                                  timeout=args.case_timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"case": case, "error": f"timed out after {args.case_timeout:.0f} s"})
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+            continue
         found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode == 0 and found:
             rows.append(json.loads(found[-1][7:]))
@@ -189,6 +266,7 @@ def main(argv=None):
             rows.append({"case": case, "error": err})
             sys.stderr.write(proc.stderr[-3000:])
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2))  # after each case: a kill keeps some
     Path(args.out).write_text(json.dumps(rows, indent=2))
     table = markdown(rows)
     if args.md:

@@ -99,6 +99,9 @@ class TrainConfig:
     remat_policy: str | None = _f(None, "precision", "JAX remat policy: " + ", ".join(
         REMAT_POLICIES) + "; unset: full if gradient_checkpointing else none")
     compile: bool = _f(False, "precision", "torch.compile the model (PyTorch)")
+    scan_layers: bool = _f(True, "precision", "JAX: run the repeated block cycles as one scanned "
+                           "loop (compile time flat in depth); false unrolls it (same "
+                           "parameters, longer compile, more room for XLA to fuse)")
     attention_impl: str = _f("auto", "precision", "attention kernel: auto (flash kernels on GPU "
                              "in 16-bit, else reference), reference, or the backend's fast one "
                              "(cudnn in JAX, flex in PyTorch)")
@@ -162,7 +165,7 @@ class TrainConfig:
             if getattr(self, name) == 1.0:
                 raise ConfigError(f"{name} must be < 1, got 1.0")
         for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
-                     "export_portable", "progress_bar", "tensorboard"):
+                     "scan_layers", "export_portable", "progress_bar", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr > self.learning_rate:

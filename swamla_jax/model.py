@@ -75,10 +75,11 @@ class Cycle(nn.Module):
     remat_policy: str = "none"
     dot_general: Callable | None = None
     attention_impl: str = "reference"
+    looped: bool = True  # False when the scan is fully unrolled (no loop keeps CSE away)
 
     @nn.compact
     def __call__(self, x, ropes, positions):
-        block = _block_class(self.remat_policy, scanned=True)
+        block = _block_class(self.remat_policy, scanned=self.looped)
         for j, kind in enumerate(self.cfg.cycle):
             x = block(self.cfg, kind, self.dtype, self.deterministic, self.dot_general,
                       self.attention_impl, name=f"block_{j}")(x, ropes, positions)
@@ -142,7 +143,8 @@ class SWAMLA(nn.Module):
     kernel (``swamla_jax.attention.resolve_attention_impl``). With ``loss_chunk > 0`` and targets,
     the loss is computed over chunks of ``loss_chunk`` positions, each chunk's logits recomputed
     in the backward pass, so float32 logits never exist for the whole batch; logits are then
-    not returned (None).
+    not returned (None). ``scan_layers=False`` fully unrolls the loop over cycles (the parameter
+    tree is the same).
     """
 
     cfg: ModelConfig
@@ -151,6 +153,7 @@ class SWAMLA(nn.Module):
     dot_general: Callable | None = None
     attention_impl: str = "auto"
     loss_chunk: int = 0
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, idx, targets=None, *, deterministic: bool = True):
@@ -173,8 +176,10 @@ class SWAMLA(nn.Module):
             scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_cycles,
+                              unroll=1 if self.scan_layers else cfg.n_cycles,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, remat_policy=self.remat_policy, name="cycles", **common)(
+            x, _ = scanned(cfg, remat_policy=self.remat_policy, looped=self.scan_layers,
+                           name="cycles", **common)(
                 x, ropes, positions)
         block = _block_class(self.remat_policy, scanned=False)
         for i in range(cfg.n_cycles * len(cfg.cycle), cfg.n_layer):

@@ -86,7 +86,7 @@ class Trainer:
                              remat_policy=cfg.remat_policy,
                              dot_general=fp8_dot_general if cfg.use_fp8 else None,
                              attention_impl=_jax_attention_impl(cfg.attention_impl),
-                             loss_chunk=cfg.loss_chunk)
+                             loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers)
         boxed = jax.eval_shape(lambda: init_params(self.module, cfg.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh)
         self.param_shapes = sharding.unbox_values(boxed)
@@ -132,11 +132,15 @@ class Trainer:
             loss_i, g = grad_fn(state.params, x, y, jax.random.fold_in(rng, i), True)
             return (jax.tree_util.tree_map(jnp.add, grads, g), loss + loss_i), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)),
-                                        (jnp.arange(k), inputs, targets))
-        grads = jax.tree_util.tree_map(lambda g: g / k, grads)
-        loss = loss / k
+        if k == 1:  # no accumulation buffer: a whole float32 copy of the parameters saved
+            loss, grads = grad_fn(state.params, inputs[0], targets[0], jax.random.fold_in(rng, 0),
+                                  True)
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)),
+                                            (jnp.arange(k), inputs, targets))
+            grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+            loss = loss / k
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

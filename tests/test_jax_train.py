@@ -237,9 +237,15 @@ def test_two_processes_match_one(shards, tmp_path):
     assert (multi / "checkpoints" / "8").is_dir() and (multi / "export").is_dir()
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
-def test_remat_policies_do_not_change_the_step(shards, policy):
-    """Rematerialization trades memory for compute; the loss and gradients stay the same."""
+@pytest.mark.parametrize("variant", [
+    ("--gradient_checkpointing", "--remat_policy", "full"),
+    ("--gradient_checkpointing", "--remat_policy", "dots_with_no_batch_dims_saveable"),
+    ("--scan_layers", "false"),
+    ("--scan_layers", "false", "--gradient_checkpointing", "--remat_policy", "full"),
+], ids=["full", "dots_no_batch", "unrolled", "unrolled_full"])
+def test_remat_and_unrolling_do_not_change_the_step(shards, variant):
+    """Rematerialization trades memory for compute and unrolling the layer scan trades compile
+    time for fusion; the loss and gradients stay the same."""
     import jax
 
     from swamla_jax import sharding
@@ -248,7 +254,7 @@ def test_remat_policies_do_not_change_the_step(shards, policy):
     batch = tuple(np.random.default_rng(1).integers(0, 50257, (1, 2, 32)).astype(np.int32)
                   for _ in range(2))
     curves = []
-    for extra in ((), ("--gradient_checkpointing", "--remat_policy", policy)):
+    for extra in ((), variant):
         cfg = parse_args(flags(shards, Path("unused"), *extra))
         mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
         with jax.set_mesh(mesh):

@@ -1,0 +1,180 @@
+"""Where a JAX training step spends its time: a jax.profiler trace ranked by XLA op.
+
+    python benchmarks/profile_step.py --case jax:small:2048:bf16 --out prof/ [--top 40]
+
+Builds the step exactly as ``bench_train.py`` does (same case syntax, one process), runs a few
+warm-up steps, traces ``--steps`` steps and ranks the device kernels of the trace by total time:
+per XLA op (fusion, GEMM custom call, cuDNN attention...) with the op's shape and the JAX source
+op it came from (read from the compiled HLO), and per category (GEMM, attention, elementwise
+fusion, reduction, copy/transpose, collective, other). Writes ``profile.md`` (the tables),
+``profile.json``, the compiled HLO (``hlo.txt.gz``) and the raw trace (``trace.json.gz``, open it in
+ui.perfetto.dev) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_train import jax_setup, parse_case  # noqa: E402
+
+CATEGORIES = (  # first match wins; matched against the kernel name and the HLO op name
+    ("collective", re.compile(r"nccl|all-gather|all-reduce|reduce-scatter|collective", re.I)),
+    ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|fprop|bprop|sdpa", re.I)),
+    ("GEMM", re.compile(r"gemm|cublas|xmma|nvjet|matmul|cutlass|\bdot\b|triton_gemm", re.I)),
+    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice", re.I)),
+    ("reduction", re.compile(r"reduce|input_fusion", re.I)),
+    ("elementwise fusion", re.compile(r"fusion|loop", re.I)),
+)
+
+
+def category(kernel: str, op: str) -> str:
+    for name, pattern in CATEGORIES:
+        if pattern.search(op) or pattern.search(kernel):
+            return name
+    return "other"
+
+
+def hlo_index(hlo: str) -> dict[str, str]:
+    """HLO op name -> 'shape kind | source op' from the compiled module's instruction lines."""
+    out = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(", line)
+        if not m:
+            continue
+        name, shape, opcode = m.groups()
+        kind = re.search(r"kind=(\w+)", line)
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        src = re.search(r'op_name="([^"]+)"', line)
+        what = target.group(1) if target else (kind.group(1) if kind else opcode)
+        source = src.group(1) if src else ""
+        source = re.sub(r"^jit\([^)]*\)/", "", source)
+        out[name] = f"{shape[:60]} {what} | {source[-90:]}"
+    return out
+
+
+def device_events(trace: dict) -> list[dict]:
+    """Complete ('X') events on GPU device rows of a Chrome trace (kernels, memcpys)."""
+    gpu_pids = {e["pid"] for e in trace["traceEvents"]
+                if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpu_pids
+            and "dur" in e]
+
+
+def busy_time(events: list[dict]) -> float:
+    """Microseconds during which at least one kernel ran (overlap across streams merged)."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> dict:
+    by_op = collections.defaultdict(lambda: [0.0, 0, ""])
+    by_cat = collections.Counter()
+    for e in events:
+        args = e.get("args", {})
+        op = str(args.get("hlo_op") or args.get("long_name") or e["name"])
+        cat = category(e["name"], op)
+        row = by_op[op]
+        row[0] += e["dur"]
+        row[1] += 1
+        row[2] = row[2] or e["name"]
+        by_cat[cat] += e["dur"]
+    kernel_us = sum(by_cat.values())
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])
+    return dict(
+        kernel_ms_per_step=kernel_us / steps / 1e3,
+        busy_ms_per_step=busy_time(events) / steps / 1e3,
+        categories=[dict(category=c, ms_per_step=us / steps / 1e3, share=us / kernel_us)
+                    for c, us in by_cat.most_common()],
+        ops=[dict(op=op, ms_per_step=us / steps / 1e3, share=us / kernel_us, calls=n // steps,
+                  kernel=kernel[:80], category=category(kernel, op), hlo=hlo.get(op, ""))
+             for op, (us, n, kernel) in ops[:top]])
+
+
+def markdown(case: str, step_ms: float, s: dict) -> str:
+    lines = [f"# Profile of {case}", "",
+             f"step {step_ms:.1f} ms wall; kernels {s['kernel_ms_per_step']:.1f} ms summed, "
+             f"GPU busy {s['busy_ms_per_step']:.1f} ms (streams overlapped)", "",
+             "| category | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |"
+              for c in s["categories"]]
+    lines += ["", "| op | ms/step | share | calls | category | shape, kind and source |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {o['op'][:40]} | {o['ms_per_step']:.2f} | {100 * o['share']:.1f}% | "
+              f"{o['calls']} | {o['category']} | {o['hlo'].replace('|', '/')[:150]} |"
+              for o in s["ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", required=True, help="as in bench_train.py, a JAX case")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="steps traced")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--out", default="profile")
+    args = p.parse_args(argv)
+    framework, preset, seq, dtype, devices, extra = parse_case(args.case)
+    if framework != "jax":
+        raise SystemExit("profile_step.py profiles JAX cases; use torch.profiler for torch")
+    import jax
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with jax_setup(preset, seq, args.batch, dtype, args.remat, extra, devices) as (
+            trainer, state, batch, _):
+        compiled = trainer.train_step.lower(state, batch).compile()
+        hlo_text = compiled.as_text()
+        with gzip.open(out / "hlo.txt.gz", "wt") as f:
+            f.write(hlo_text)
+        for _ in range(3):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        trace_dir = out / "trace_tmp"
+        shutil.rmtree(trace_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(args.steps):
+                state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+        step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    found = sorted(trace_dir.glob("plugins/profile/*/*.trace.json.gz"))
+    if not found:
+        raise SystemExit(f"the profiler wrote no trace.json.gz under {trace_dir}")
+    shutil.copy(found[-1], out / "trace.json.gz")
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    with gzip.open(out / "trace.json.gz", "rt") as f:
+        trace = json.load(f)
+    events = device_events(trace)
+    if not events:
+        raise SystemExit("the trace holds no GPU kernels: profile on a GPU (jax.devices() is "
+                         f"{jax.devices()})")
+    summary = summarize(events, hlo_index(hlo_text), args.steps, args.top)
+    summary.update(case=args.case, step_ms=step_ms, device=jax.devices()[0].device_kind)
+    (out / "profile.json").write_text(json.dumps(summary, indent=2))
+    table = markdown(args.case, step_ms, summary)
+    (out / "profile.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
