@@ -94,9 +94,11 @@ def _dyt(x, alpha, w, b, dtype):
     return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(dtype)
 
 
-@jax.checkpoint
-def _swiglu(gate, up):
-    return nn.silu(gate) * up
+@functools.partial(jax.checkpoint, static_argnums=(1,))
+def _swiglu(gate_up, hidden: int):
+    """silu(gate) * up from the fused projection ``[up | gate]``: one function, so the backward
+    pass writes the gradient of the fused tensor in one pass instead of adding two padded halves."""
+    return nn.silu(gate_up[..., hidden:]) * gate_up[..., :hidden]
 
 
 class RMSNorm(nn.Module):
@@ -190,7 +192,6 @@ class SwiGLU(nn.Module):
         cfg, h = self.cfg, self.cfg.mlp_hidden
         lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
                    dot_general=self.dot_general)
-        gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", **lin)(x)  # (B, T, 2F)
-        up, gate = gu[..., :h], gu[..., h:]
-        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(_swiglu(gate, up))
+        gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", **lin)(x)  # (B, T, 2F): up, gate
+        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(_swiglu(gu, h))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

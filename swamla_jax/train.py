@@ -143,13 +143,17 @@ class Trainer:
             loss = loss / k
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731 (skip a bad update whole)
-            lambda a, b: jnp.where(ok, a, b), new, old)
+
+        def apply(params, opt_state):
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A bad step is skipped whole. A cond rather than a select of new against old: the
+        # select would be one more pass over every parameter and moment each step.
+        params, opt_state = jax.lax.cond(ok, apply, lambda p, o: (p, o), state.params,
+                                         state.opt_state)
         new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1, params=params, opt_state=opt_state,
             bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
         return new_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok,
                            "bad_steps": new_state.bad_steps}
