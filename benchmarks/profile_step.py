@@ -9,6 +9,13 @@ op it came from (read from the compiled HLO), and per category (GEMM, attention,
 fusion, reduction, copy/transpose, collective, other). Writes ``profile.md`` (the tables),
 ``profile.json``, the compiled HLO (``hlo.txt.gz``) and the raw trace (``trace.json.gz``, open it in
 ui.perfetto.dev) under ``--out``.
+
+XLA replays most of a step as CUDA graphs ("command buffers"), which hide which HLO op each
+kernel belongs to; the profile is taken with them off (``--xla_gpu_enable_command_buffer=``,
+added to XLA_FLAGS unless XLA_FLAGS already names the flag), and a kernel found inside a command
+buffer anyway is attributed by its name, which XLA derives from the fusion's.
+
+    python benchmarks/profile_step.py --summarize prof/   # re-rank a saved trace, no GPU needed
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import shutil
 import sys
@@ -50,7 +58,7 @@ def hlo_index(hlo: str) -> dict[str, str]:
     """HLO op name -> 'shape kind | source op' from the compiled module's instruction lines."""
     out = {}
     for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(", line)
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) (\w[\w\-]*)\(", line)
         if not m:
             continue
         name, shape, opcode = m.groups()
@@ -60,7 +68,7 @@ def hlo_index(hlo: str) -> dict[str, str]:
         what = target.group(1) if target else (kind.group(1) if kind else opcode)
         source = src.group(1) if src else ""
         source = re.sub(r"^jit\([^)]*\)/", "", source)
-        out[name] = f"{shape[:60]} {what} | {source[-90:]}"
+        out[name] = out[name.replace(".", "_")] = f"{shape[:60]} {what} | {source[-90:]}"
     return out
 
 
@@ -84,12 +92,17 @@ def busy_time(events: list[dict]) -> float:
     return total
 
 
+def _op_of(event: dict) -> str:
+    """The HLO op a kernel ran for; inside a command buffer, the fusion its name comes from."""
+    op = str(event.get("args", {}).get("hlo_op") or event["name"])
+    return event["name"] if op.startswith("command_buffer") else op
+
+
 def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> dict:
     by_op = collections.defaultdict(lambda: [0.0, 0, ""])
     by_cat = collections.Counter()
     for e in events:
-        args = e.get("args", {})
-        op = str(args.get("hlo_op") or args.get("long_name") or e["name"])
+        op = _op_of(e)
         cat = category(e["name"], op)
         row = by_op[op]
         row[0] += e["dur"]
@@ -110,7 +123,8 @@ def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> 
 
 def markdown(case: str, step_ms: float, s: dict) -> str:
     lines = [f"# Profile of {case}", "",
-             f"step {step_ms:.1f} ms wall; kernels {s['kernel_ms_per_step']:.1f} ms summed, "
+             (f"step {step_ms:.1f} ms wall under the profiler; " if step_ms else "")
+             + f"kernels {s['kernel_ms_per_step']:.1f} ms summed, "
              f"GPU busy {s['busy_ms_per_step']:.1f} ms (streams overlapped)", "",
              "| category | ms/step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |"
@@ -123,19 +137,50 @@ def markdown(case: str, step_ms: float, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, device: str) -> str:
+    """Rank ``out/trace.json.gz`` against ``out/hlo.txt.gz``; write profile.json and profile.md."""
+    with gzip.open(out / "trace.json.gz", "rt") as f:
+        trace = json.load(f)
+    with gzip.open(out / "hlo.txt.gz", "rt") as f:
+        hlo = hlo_index(f.read())
+    events = device_events(trace)
+    if not events:
+        raise SystemExit(f"the trace in {out} holds no GPU kernels: profile on a GPU")
+    summary = summarize(events, hlo, steps, top)
+    summary.update(case=case, step_ms=step_ms, device=device, steps=steps)
+    (out / "profile.json").write_text(json.dumps(summary, indent=2))
+    table = markdown(case, step_ms, summary)
+    (out / "profile.md").write_text(table)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", required=True, help="as in bench_train.py, a JAX case")
+    p.add_argument("--case", help="as in bench_train.py, a JAX case")
+    p.add_argument("--summarize", metavar="DIR", help="re-rank DIR/trace.json.gz (a saved "
+                   "profile) instead of running a case; --case and --steps describe it")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps traced")
     p.add_argument("--remat", default="none")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default="profile")
     args = p.parse_args(argv)
+    if args.summarize:
+        out = Path(args.summarize)
+        meta = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() \
+            else {}
+        print(write_report(out, args.case or meta.get("case", "?"), meta.get("step_ms", 0.0),
+                           meta.get("steps", args.steps), args.top, meta.get("device", "?")))
+        return
+    if not args.case:
+        p.error("--case is required (or --summarize DIR)")
     framework, preset, seq, dtype, devices, extra = parse_case(args.case)
     if framework != "jax":
         raise SystemExit("profile_step.py profiles JAX cases; use torch.profiler for torch")
+    if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
     out = Path(args.out)
@@ -143,9 +188,8 @@ def main(argv=None):
     with jax_setup(preset, seq, args.batch, dtype, args.remat, extra, devices) as (
             trainer, state, batch, _):
         compiled = trainer.train_step.lower(state, batch).compile()
-        hlo_text = compiled.as_text()
         with gzip.open(out / "hlo.txt.gz", "wt") as f:
-            f.write(hlo_text)
+            f.write(compiled.as_text())
         for _ in range(3):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -162,18 +206,8 @@ def main(argv=None):
         raise SystemExit(f"the profiler wrote no trace.json.gz under {trace_dir}")
     shutil.copy(found[-1], out / "trace.json.gz")
     shutil.rmtree(trace_dir, ignore_errors=True)
-    with gzip.open(out / "trace.json.gz", "rt") as f:
-        trace = json.load(f)
-    events = device_events(trace)
-    if not events:
-        raise SystemExit("the trace holds no GPU kernels: profile on a GPU (jax.devices() is "
-                         f"{jax.devices()})")
-    summary = summarize(events, hlo_index(hlo_text), args.steps, args.top)
-    summary.update(case=args.case, step_ms=step_ms, device=jax.devices()[0].device_kind)
-    (out / "profile.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(args.case, step_ms, summary)
-    (out / "profile.md").write_text(table)
-    print(table)
+    print(write_report(out, args.case, step_ms, args.steps, args.top,
+                       jax.devices()[0].device_kind))
 
 
 if __name__ == "__main__":

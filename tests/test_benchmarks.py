@@ -1,0 +1,94 @@
+"""The benchmark and profiling commands: case parsing, a real (tiny, CPU) benchmark run, and the
+profile ranking on a small Chrome trace laid out as jax.profiler writes it on a GPU."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_train  # noqa: E402
+import profile_step  # noqa: E402
+
+
+def test_cases_parse_and_bad_cases_say_how():
+    assert bench_train.parse_case("jax:base:2048:bf16") == ("jax", "base", 2048, "bf16", 1, [])
+    assert bench_train.parse_case("torch:small:1024:fp8@4+fsdp=true+loss_chunk=0") == (
+        "torch", "small", 1024, "fp8", 4, ["fsdp=true", "loss_chunk=0"])
+    for bad in ("jax:base:2048", "jax:base:long:bf16", "mxnet:base:2048:bf16",
+                "jax:base:2048:fp16", "jax:base:2048:bf16@two"):
+        with pytest.raises(SystemExit, match="framework:preset:seq:dtype|framework is jax"):
+            bench_train.parse_case(bad)
+
+
+def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    bench_train.main(["--cases", "jax:tiny:64:bf16+scan_layers=true", "jax:nope:64:bf16",
+                      "--batch", "2", "--steps", "2", "--out", str(out), "--md", str(md)])
+    ok, failed = json.loads(out.read_text())
+    assert ok["case"] == "jax:tiny:64:bf16+scan_layers=true" and ok["devices"] == 1
+    assert ok["tokens_per_s"] > 0 and ok["tokens_per_s"] == ok["tokens_per_s_per_gpu"]
+    assert ok["rows"] == 2 and ok["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert "unknown preset" in failed["error"]  # a broken case is reported, the rest still run
+    table = md.read_text()
+    assert "| jax:tiny:64:bf16+scan_layers=true | 1 | 2 |" in table and "failed:" in table
+
+
+HLO = """\
+ENTRY %main {
+  %gemm.1 = bf16[16,32]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/mlp/dot_general"}
+  %loop_add_fusion.4 = bf16[8,2048]{1,0} fusion(%x, %y), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/transpose(jvp(SWAMLA))/mlp/add_any"}
+  %loop_select_fusion = (f32[4]{0}, f32[4]{0}) fusion(%p, %q), kind=kLoop, calls=%fs, metadata={op_name="jit(step)/jit(_where)/select_n"}
+}
+"""
+
+
+def _trace(events):
+    meta = [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    return {"traceEvents": meta + events}
+
+
+def test_profile_ranks_kernels_by_op_and_category(tmp_path):
+    kernel = lambda ts, dur, name, op, tid=1: {  # noqa: E731
+        "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+        "args": {"hlo_op": op}}
+    events = [
+        kernel(0, 30, "nvjet_sm90_tst_256x128", "gemm.1"),
+        kernel(40, 10, "loop_add_fusion_4", "command_buffer_9"),  # attributed by kernel name
+        kernel(45, 10, "loop_add_fusion_4", "command_buffer_9", tid=2),  # overlaps on a 2nd stream
+        kernel(60, 5, "loop_select_fusion", "loop_select_fusion"),
+        kernel(70, 20, "nvjet_sm90_tst_256x128", "gemm.1"),
+        {"ph": "X", "pid": 7, "tid": 3, "ts": 0, "dur": 999, "name": "python host work"},
+    ]
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        json.dump(_trace(events), f)
+    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+        f.write(HLO)
+    table = profile_step.write_report(tmp_path, "jax:tiny:64:bf16", 12.5, 2, 10, "GPU")
+    s = json.loads((tmp_path / "profile.json").read_text())
+    assert s["kernel_ms_per_step"] == pytest.approx(75 / 2 / 1e3)  # host events left out
+    assert s["busy_ms_per_step"] == pytest.approx(70 / 2 / 1e3)  # 40..55 counted once
+    assert [o["op"] for o in s["ops"]] == ["gemm.1", "loop_add_fusion_4", "loop_select_fusion"]
+    gemm, add, select = s["ops"]
+    assert gemm["calls"] == 1 and gemm["category"] == "GEMM" and "mlp/dot_general" in gemm["hlo"]
+    assert add["category"] == "elementwise fusion" and "add_any" in add["hlo"]
+    assert select["hlo"].startswith("(f32[4]{0}, f32[4]{0})") and "select_n" in select["hlo"]
+    assert {c["category"] for c in s["categories"]} == {"GEMM", "elementwise fusion"}
+    assert "| gemm.1 | 0.03 | 66.7% | 1 | GEMM |" in table
+    assert (tmp_path / "profile.md").read_text() == table
+
+
+def test_profile_of_a_trace_without_gpu_kernels_says_so(tmp_path):
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        json.dump(_trace([]), f)
+    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+        f.write(HLO)
+    with pytest.raises(SystemExit, match="no GPU kernels"):
+        profile_step.write_report(tmp_path, "c", 0.0, 1, 5, "cpu")
