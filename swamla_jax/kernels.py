@@ -69,20 +69,29 @@ _window_attention.defvjp(_window_fwd, _window_bwd)
 
 def swa_sink_attention(q, k, v, *, scale: float, window: int, sink: int):
     """SPEC 3.1 attention on cuDNN: keys ``i - window < j <= i`` plus the first ``sink`` keys."""
-    B, T, N, D = q.shape
-    K = k.shape[2]
+    T = q.shape[1]
     out_w, lse_w = _window_attention(q, k, v, scale, window)
     if sink == 0 or T <= window:
         return out_w
     S = min(sink, T)
-    # The sink keys a query sees *outside* its window: j < S and i - j >= window.
+    return _merge_sink(q, k[:, :S], v[:, :S], out_w, lse_w, scale, window)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5, 6))
+def _merge_sink(q, k_s, v_s, out_w, lse_w, scale: float, window: int):
+    """The window output merged with the sink keys a query sees *outside* its window (j < S and
+    i - j >= window) through the two log-sum-exps. Recomputed in the backward pass from its
+    inputs, which cuDNN keeps anyway: kept, its float32 intermediates cost two float32 copies of
+    the attention output per SWA layer (3 GiB on base at batch 8)."""
+    B, T, N, D = q.shape
+    S, K = k_s.shape[1], k_s.shape[2]
     qg = q.reshape(B, T, K, N // K, D)
-    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k[:, :S], preferred_element_type=f32) * scale
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k_s, preferred_element_type=f32) * scale
     i, j = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
     s = jnp.where(i - j >= window, s, -jnp.inf)
     lse_s = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf where no sink key is visible
     p_s = jnp.exp(s - jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)[..., None])
-    out_s = jnp.einsum("BKGTS,BSKD->BTKGD", p_s, v[:, :S].astype(f32)).reshape(B, T, N, D)
+    out_s = jnp.einsum("BKGTS,BSKD->BTKGD", p_s, v_s.astype(f32)).reshape(B, T, N, D)
     lse_s = lse_s.reshape(B, N, T)
     lse = jnp.logaddexp(lse_w, lse_s)
     a_w = jnp.transpose(jnp.exp(lse_w - lse), (0, 2, 1))[..., None]  # (B, T, N, 1)

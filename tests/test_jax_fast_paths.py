@@ -86,6 +86,20 @@ def test_swa_sink_merge_and_lse_gradient(monkeypatch, window, sink, kv_heads):
         assert rel(a, b) < 1e-5, name
 
 
+def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
+    """The merge is recomputed in the backward pass: what autodiff saves for it is bf16 (q and
+    the sink keys/values); a float32 (B, T, N, D) residual would be two bf16 copies per layer."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
+    q = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 4, 8)), jnp.bfloat16)
+    lse = jnp.zeros((2, 4, 64), jnp.float32)
+    merged = lambda q: kernels._merge_sink(  # noqa: E731
+        q, q[:, :4], q[:, :4], q, lse, 0.3, 8).astype(jnp.float32).sum()
+    saved = [aval for aval, _ in saved_residuals(merged, q)]
+    assert saved and not [a for a in saved if a.dtype == jnp.float32 and a.size >= q.size], saved
+
+
 # ---------------------------------------------------------------------------- FP8
 def test_fp8_matmul_is_close_and_differentiable():
     rng = np.random.default_rng(2)

@@ -361,12 +361,14 @@ def test_cli_errors(shards, tmp_path, capsys):
 
 # ---------------------------------------------------------------------- DDP
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(shards, tmp_path):
-    """gloo DDP over 2 ranks (batch 2 each, 2 micro-batches) == 1 process with batch 4."""
+@pytest.mark.parametrize("wrap", ["DDP", "FSDP2"])
+def test_two_processes_match_one(shards, tmp_path, wrap):
+    """gloo DDP or FSDP2 over 2 ranks (batch 2 each, 2 micro-batches) == 1 process with batch 4:
+    losses, evaluation, exported weights and a resumable checkpoint."""
     one = make_cfg(shards, tmp_path / "one", batch_size=4, gradient_accumulation_steps=2,
                    max_iters=4, eval_interval=2)
     train(one)
-    two = one.replace(batch_size=2, output_dir=str(tmp_path / "two"))
+    two = one.replace(batch_size=2, output_dir=str(tmp_path / "two"), fsdp=wrap == "FSDP2")
     two.save(tmp_path / "two.json")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -374,7 +376,7 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
          str(REPO / "train_torch.py"), "--config", str(tmp_path / "two.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(DDP)" in proc.stdout + proc.stderr
+    assert f"({wrap})" in proc.stdout + proc.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-6)
