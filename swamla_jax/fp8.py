@@ -45,7 +45,8 @@ def _scaled_dot(qa, sa, qb, sb, dims, dtype):
 
 @jax.custom_vjp
 def fp8_matmul(x, w):
-    """``x @ w`` for x (..., K), w (K, N) through FP8 GEMMs; output in x's dtype."""
+    """``x @ w`` for x (..., K), w (K, N...) through FP8 GEMMs; output (..., N...) in x's
+    dtype (w may carry several output axes, e.g. the (C, 2, F) view of SwiGLU's projection)."""
     return _fp8_fwd(x, w)[0]
 
 
@@ -61,8 +62,10 @@ def _fp8_bwd(res, g):
     qx, sx, qw, sw, x_like, w_like = res
     dtype = g.dtype
     qg, sg = quantize(g, E5M2)
-    lead = tuple(range(g.ndim - 1))
-    dx = _scaled_dot(qg, sg, qw, sw, (((g.ndim - 1,), (1,)), ((), ())), dtype)
+    n_out = qw.ndim - 1  # output axes of w
+    lead = tuple(range(g.ndim - n_out))
+    out_g = tuple(range(g.ndim - n_out, g.ndim))
+    dx = _scaled_dot(qg, sg, qw, sw, ((out_g, tuple(range(1, qw.ndim))), ((), ())), dtype)
     dw = _scaled_dot(qx, sx, qg, sg, ((lead, lead), ((), ())), jnp.float32)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
@@ -71,10 +74,10 @@ fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
 
 
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """A ``dot_general`` for :class:`swamla_jax.layers.Linear`: x (..., in) . W (in, out)."""
+    """A ``dot_general`` for :class:`swamla_jax.layers.Linear`: x (..., in) . W (in, out...)."""
     (lc, rc), (lb, rb) = dimension_numbers
-    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
-        raise ValueError(f"fp8_dot_general supports x (..., in) . W (in, out) only, got "
+    if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim < 2:
+        raise ValueError(f"fp8_dot_general supports x (..., in) . W (in, out...) only, got "
                          f"dimension_numbers {dimension_numbers}")
     del precision, preferred_element_type
     return fp8_matmul(lhs, rhs)

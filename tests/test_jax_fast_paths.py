@@ -117,6 +117,23 @@ def test_fp8_matmul_is_close_and_differentiable():
     assert rel(gx8, gx) < 0.15 and rel(gw8, gw) < 0.15  # e5m2 gradients: 2 mantissa bits
 
 
+def test_fp8_matmul_with_several_output_axes_equals_the_flat_one():
+    """A (K, 2, F) kernel (SwiGLU's fused projection) gives the (K, 2F) product reshaped, with the
+    same quantization (per-tensor scales), in value and in both gradients."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.bfloat16)
+    w = jnp.asarray(0.05 * rng.standard_normal((32, 2, 24)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 8, 2, 24)), jnp.float32)
+    split = lambda x, w: jnp.sum(fp8.fp8_matmul(x, w).astype(jnp.float32) * cot)  # noqa: E731
+    flat = lambda x, w: jnp.sum(fp8.fp8_matmul(x, w.reshape(32, 48)).astype(jnp.float32)  # noqa: E731
+                                * cot.reshape(2, 8, 48))
+    np.testing.assert_array_equal(fp8.fp8_matmul(x, w).reshape(2, 8, 48),
+                                  fp8.fp8_matmul(x, w.reshape(32, 48)))
+    for a, b in zip(jax.grad(split, (0, 1))(x, w), jax.grad(flat, (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a, np.float32).reshape(-1),
+                                   np.asarray(b, np.float32).reshape(-1), rtol=1e-2, atol=1e-3)
+
+
 def test_fp8_rejects_other_contractions():
     with pytest.raises(ValueError, match="supports x"):
         fp8.fp8_dot_general(jnp.ones((2, 3)), jnp.ones((2, 3)), (((0,), (0,)), ((), ())))

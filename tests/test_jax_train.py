@@ -185,6 +185,31 @@ def test_sharded_runs_match_one_device(shards, tmp_path):
         np.testing.assert_allclose(losses(out), reference, rtol=1e-5, err_msg=name)
 
 
+def test_tensor_parallel_mlp_moves_no_activations():
+    """Under tensor parallelism each device holds the up and gate columns of its slice of the
+    MLP width (swamla_jax.layers.GateUp): the compiled step has no collective-permute in the
+    MLPs (sharding the flat [up | gate] axis moved half of every MLP activation)."""
+    code = textwrap.dedent("""
+        import re, sys
+        sys.path.insert(0, "benchmarks")
+        from bench_train import jax_setup
+        with jax_setup("tiny", 128, 2, "bf16", "none", ["mesh_fsdp=2", "mesh_tensor=2"], 4) as (
+                trainer, state, batch, mesh):
+            hlo = trainer.train_step.lower(state, batch).compile().as_text()
+        ops = [m.group(0) for m in re.finditer(
+            r"(collective-permute|all-reduce|all-gather)(?:-start)?\\(.*", hlo)]
+        mlp = [o for o in ops if o.startswith("collective-permute") and re.search(r"/(mlp|ffn)/", o)]
+        print(len(ops), len(mlp))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    n_collectives, n_mlp_permutes = map(int, proc.stdout.split())
+    assert n_collectives > 0 and n_mlp_permutes == 0  # a sharded step that moves no MLP halves
+
+
 @pytest.mark.slow
 def test_restore_on_another_device_count(shards, tmp_path):
     """Save on 8 devices (FSDP), continue on 2: the losses of an uninterrupted 8-device run."""
