@@ -111,6 +111,7 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
     from swamla_torch import distributed
     from swamla_torch.fp8 import use_fp8_linears
     from swamla_torch.model import SWAMLA
+    from swamla_torch.optim import build_optimizer
 
     cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)
                      + (["--compile"] if compile_model else []))
@@ -126,12 +127,8 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
     impl = raw.set_attention_impl("auto", env.device, torch.bfloat16)
     cuda = env.device.type == "cuda"  # CPU runs (gloo) only check the launch path
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    decay = [p for n, p in raw.named_parameters() if p.ndim >= 2 and "wte" not in n]
-    other = [p for n, p in raw.named_parameters() if not (p.ndim >= 2 and "wte" not in n)]
     par = distributed.parallelize(raw, cfg, env)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": other, "weight_decay": 0.0}], lr=1e-4,
-                            betas=(0.9, 0.95), fused=cuda and not par.fsdp)
+    opt = build_optimizer(raw.named_parameters(), cfg, env.device)  # as train_torch.py builds it
     x = torch.randint(0, 50257, (batch, seq), device=env.device,
                       generator=torch.Generator(device=env.device).manual_seed(env.rank))
 

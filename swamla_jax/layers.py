@@ -28,7 +28,12 @@ def _param(module, name, init, axes, shape, dtype=f32):
 
 
 class Linear(nn.Module):
-    """``y = x W (+ b)`` in the compute dtype; ``dot_general`` is the hook FP8 plugs into."""
+    """``y = x W (+ b)`` in the compute dtype; ``dot_general`` is the hook FP8 plugs into.
+
+    With ``view`` the (in, features) kernel is multiplied as (in, *view) with logical axes
+    ``view_axes``, and y comes out (..., *view): the stored layout stays, the sharding of the
+    product follows the view (see SwiGLU).
+    """
 
     features: int
     axes: tuple[str, str]
@@ -36,17 +41,22 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = f32
     dot_general: Callable | None = None
+    view: tuple[int, ...] | None = None
+    view_axes: tuple[str | None, ...] | None = None
 
     @nn.compact
     def __call__(self, x):
         kernel = _param(self, "kernel", nn.initializers.normal(self.init_std), self.axes,
                         (x.shape[-1], self.features))
+        out = (self.features,) if self.view is None else self.view
+        if self.view is not None:
+            kernel = nn.with_logical_constraint(kernel.reshape(x.shape[-1], *out), self.view_axes)
         dot = self.dot_general or lax.dot_general
         y = dot(x.astype(self.dtype), kernel.astype(self.dtype),
                 (((x.ndim - 1,), (0,)), ((), ())))
         if self.use_bias:
             y = y + _param(self, "bias", nn.initializers.zeros, (self.axes[1],),
-                           (self.features,)).astype(self.dtype)
+                           (self.features,)).reshape(out).astype(self.dtype)
         return y
 
 
@@ -99,38 +109,6 @@ def _swiglu(gate_up):
     """silu(gate) * up from the fused projection (..., 2, F) = (up, gate): one function, so the
     backward pass writes the gradient of the fused tensor in one pass."""
     return nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
-
-
-class GateUp(nn.Module):
-    """The fused ``[up | gate]`` projection of SwiGLU, computed as (..., 2, F).
-
-    The kernel is stored (C, 2F), columns ``[up | gate]`` as in the portable format, and viewed
-    as (C, 2, F) for the product, with F the axis the ``mlp`` rule shards: under tensor
-    parallelism each device then holds the up *and* gate columns of its slice of F, so the
-    activation needs no communication. Sharding the flat 2F axis instead would put up on one
-    half of the devices and gate on the other, and every MLP would move half its activations
-    between them (seen on 4 x H200: tensor parallelism at 0.56x per GPU).
-    """
-
-    hidden: int
-    use_bias: bool = False
-    init_std: float = 0.02
-    dtype: Dtype = f32
-    dot_general: Callable | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        C, F = x.shape[-1], self.hidden
-        kernel = _param(self, "kernel", nn.initializers.normal(self.init_std), ("embed", "mlp"),
-                        (C, 2 * F))
-        kernel = nn.with_logical_constraint(kernel.reshape(C, 2, F), ("embed", None, "mlp"))
-        dot = self.dot_general or lax.dot_general
-        y = dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                (((x.ndim - 1,), (0,)), ((), ())))  # (..., 2, F)
-        if self.use_bias:
-            y = y + _param(self, "bias", nn.initializers.zeros, ("mlp",),
-                           (2 * F,)).reshape(2, F).astype(self.dtype)
-        return y
 
 
 class RMSNorm(nn.Module):
@@ -224,6 +202,12 @@ class SwiGLU(nn.Module):
         cfg, h = self.cfg, self.cfg.mlp_hidden
         lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
                    dot_general=self.dot_general)
-        gu = GateUp(h, name="gate_up_proj", **lin)(x)  # (B, T, 2, F): up, gate
+        # The fused [up | gate] kernel, stored (C, 2F) as in the portable format, is multiplied
+        # as (C, 2, F) with F the axis the `mlp` rule shards: under tensor parallelism each
+        # device then holds the up *and* gate columns of its slice of F, and the activation
+        # needs no communication. Sharding the flat 2F axis put up and gate on different
+        # devices and moved half of every MLP activation (4 x H200, tensor 2: 0.56x per GPU).
+        gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", view=(2, h),
+                    view_axes=("embed", None, "mlp"), **lin)(x)  # (B, T, 2, F): up, gate
         y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(_swiglu(gu))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

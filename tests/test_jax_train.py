@@ -187,8 +187,9 @@ def test_sharded_runs_match_one_device(shards, tmp_path):
 
 def test_tensor_parallel_mlp_moves_no_activations():
     """Under tensor parallelism each device holds the up and gate columns of its slice of the
-    MLP width (swamla_jax.layers.GateUp): the compiled step has no collective-permute in the
-    MLPs (sharding the flat [up | gate] axis moved half of every MLP activation)."""
+    MLP width (the (C, 2, F) view in swamla_jax.layers.SwiGLU): the compiled step has no
+    collective-permute in the MLPs (sharding the flat [up | gate] axis moved half of every MLP
+    activation)."""
     code = textwrap.dedent("""
         import re, sys
         sys.path.insert(0, "benchmarks")
