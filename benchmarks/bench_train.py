@@ -255,7 +255,7 @@ def main(argv=None):
             rows.append({"case": case, "error": f"timed out after {args.case_timeout:.0f} s"})
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
             continue
-        found = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode == 0 and found:
             rows.append(json.loads(found[-1][7:]))
         else:

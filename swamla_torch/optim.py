@@ -53,7 +53,8 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 class _MomentOptimizer(torch.optim.Optimizer):
-    """Shared state handling: moments of ``moment_dtype``, a per-parameter step, the rounding."""
+    """The shared step (direction, decoupled weight decay, -lr) and state: moments of
+    ``moment_dtype``, a per-parameter step count, the stochastic rounding back to bf16."""
 
     moments: tuple[str, ...] = ()
 
@@ -95,6 +96,25 @@ class _MomentOptimizer(torch.optim.Optimizer):
                     gen.manual_seed(hash((self.seed, step)) & (2**63 - 1))
                 target.copy_(stochastic_round_bf16(value, gen))
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__}.step does not take a closure")
+        for group in self.param_groups:
+            ps, grads, moments, stored = self._gather(group)
+            if not ps:
+                continue
+            t = int(stored[0]["step"])
+            update = self._direction(group, grads, moments, t)  # moments updated in place
+            if group["weight_decay"]:
+                torch._foreach_add_(update, ps, alpha=group["weight_decay"])
+            torch._foreach_add_(ps, update, alpha=-float(group["lr"]))
+            self._store(stored, moments, t)
+
+    def _direction(self, group, grads, moments, t: int) -> list[torch.Tensor]:
+        """The update direction before weight decay and -lr; advances ``moments``."""
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)  # casts every state tensor to the parameter's dtype
         for state in self.state.values():
@@ -113,25 +133,15 @@ class Lion(_MomentOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay),
                          bf16_moments=bf16_moments, seed=seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("Lion.step does not take a closure")
-        for group in self.param_groups:
-            ps, grads, m, stored = self._gather(group)
-            if not ps:
-                continue
-            (b1, b2), lr, wd = group["betas"], float(group["lr"]), group["weight_decay"]
-            m = m["exp_avg"]
-            update = torch._foreach_mul(m, b1)
-            torch._foreach_add_(update, grads, alpha=1 - b1)
-            torch._foreach_sign_(update)
-            if wd:
-                torch._foreach_add_(update, ps, alpha=wd)
-            torch._foreach_add_(ps, update, alpha=-lr)
-            torch._foreach_mul_(m, b2)
-            torch._foreach_add_(m, grads, alpha=1 - b2)
-            self._store(stored, {"exp_avg": m}, int(stored[0]["step"]))
+    def _direction(self, group, grads, moments, t):
+        b1, b2 = group["betas"]
+        m = moments["exp_avg"]
+        update = torch._foreach_mul(m, b1)
+        torch._foreach_add_(update, grads, alpha=1 - b1)
+        torch._foreach_sign_(update)
+        torch._foreach_mul_(m, b2)
+        torch._foreach_add_(m, grads, alpha=1 - b2)
+        return update
 
 
 class AdamW(_MomentOptimizer):
@@ -149,30 +159,19 @@ class AdamW(_MomentOptimizer):
                                       weight_decay=weight_decay),
                          bf16_moments=bf16_moments, seed=seed)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("AdamW.step does not take a closure")
-        for group in self.param_groups:
-            ps, grads, moments, stored = self._gather(group)
-            if not ps:
-                continue
-            (b1, b2), lr, wd = group["betas"], float(group["lr"]), group["weight_decay"]
-            t = int(stored[0]["step"])
-            m, v = moments["exp_avg"], moments["exp_avg_sq"]
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, grads, alpha=1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-            update = torch._foreach_div(m, 1 - b1**t)
-            denom = torch._foreach_div(v, 1 - b2**t)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            torch._foreach_div_(update, denom)
-            if wd:
-                torch._foreach_add_(update, ps, alpha=wd)
-            torch._foreach_add_(ps, update, alpha=-lr)
-            self._store(stored, moments, t)
+    def _direction(self, group, grads, moments, t):
+        b1, b2 = group["betas"]
+        m, v = moments["exp_avg"], moments["exp_avg_sq"]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        update = torch._foreach_div(m, 1 - b1**t)
+        denom = torch._foreach_div(v, 1 - b2**t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_div_(update, denom)
+        return update
 
 
 def build_optimizer(named_params, cfg: TrainConfig, device: torch.device
