@@ -39,7 +39,8 @@ from bench_train import jax_setup, parse_case  # noqa: E402
 
 CATEGORIES = (  # first match wins; matched against the kernel name and the HLO op name
     ("collective", re.compile(r"nccl|all-gather|all-reduce|reduce-scatter|collective", re.I)),
-    ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|fprop|bprop|sdpa", re.I)),
+    ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|fprop|bprop|sdpa|dot_product_attention",
+                                     re.I)),
     ("GEMM", re.compile(r"gemm|cublas|xmma|nvjet|matmul|cutlass|\bdot\b|triton_gemm", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice", re.I)),
     ("reduction", re.compile(r"reduce|input_fusion", re.I)),
@@ -98,8 +99,14 @@ def _op_of(event: dict) -> str:
     return event["name"] if op.startswith("command_buffer") else op
 
 
+def source_key(hlo_entry: str) -> str:
+    """An op's 'shape kind | source' with the layer index dropped, so that the same op of every
+    layer (the layers are unrolled into separate fusions) adds up in one row."""
+    return re.sub(r"block_\d+", "block_*", hlo_entry)
+
+
 def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> dict:
-    by_op = collections.defaultdict(lambda: [0.0, 0, ""])
+    by_op = collections.defaultdict(lambda: [0.0, 0, collections.Counter()])
     by_cat = collections.Counter()
     for e in events:
         op = _op_of(e)
@@ -107,18 +114,28 @@ def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> 
         row = by_op[op]
         row[0] += e["dur"]
         row[1] += 1
-        row[2] = row[2] or e["name"]
+        row[2][cat] += e["dur"]  # an op's row takes the category of most of its kernel time
         by_cat[cat] += e["dur"]
     kernel_us = sum(by_cat.values())
     ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])
+    by_source = collections.defaultdict(lambda: [0.0, 0, collections.Counter()])
+    for op, (us, n, cats) in ops:
+        row = by_source[source_key(hlo.get(op, "")) or op]
+        row[0] += us
+        row[1] += 1
+        row[2].update(cats)
+    sources = sorted(by_source.items(), key=lambda kv: -kv[1][0])
     return dict(
         kernel_ms_per_step=kernel_us / steps / 1e3,
         busy_ms_per_step=busy_time(events) / steps / 1e3,
         categories=[dict(category=c, ms_per_step=us / steps / 1e3, share=us / kernel_us)
                     for c, us in by_cat.most_common()],
+        sources=[dict(source=src, ms_per_step=us / steps / 1e3, share=us / kernel_us, ops=n,
+                      category=cats.most_common(1)[0][0])
+                 for src, (us, n, cats) in sources[:top]],
         ops=[dict(op=op, ms_per_step=us / steps / 1e3, share=us / kernel_us, calls=n // steps,
-                  kernel=kernel[:80], category=category(kernel, op), hlo=hlo.get(op, ""))
-             for op, (us, n, kernel) in ops[:top]])
+                  category=cats.most_common(1)[0][0], hlo=hlo.get(op, ""))
+             for op, (us, n, cats) in ops[:top]])
 
 
 def markdown(case: str, step_ms: float, s: dict) -> str:
@@ -129,6 +146,11 @@ def markdown(case: str, step_ms: float, s: dict) -> str:
              "| category | ms/step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |"
               for c in s["categories"]]
+    lines += ["", "Layers merged: one row per source op and shape, summed over the layers' copies.", "",
+              "| source op (shape, kind, JAX source) | ms/step | share | HLO ops | category |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['ms_per_step']:.2f} | "
+              f"{100 * o['share']:.1f}% | {o['ops']} | {o['category']} |" for o in s["sources"]]
     lines += ["", "| op | ms/step | share | calls | category | shape, kind and source |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {o['op'][:40]} | {o['ms_per_step']:.2f} | {100 * o['share']:.1f}% | "

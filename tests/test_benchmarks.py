@@ -45,6 +45,8 @@ ENTRY %main {
   %gemm.1 = bf16[16,32]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/mlp/dot_general"}
   %loop_add_fusion.4 = bf16[8,2048]{1,0} fusion(%x, %y), kind=kLoop, calls=%fc, metadata={op_name="jit(step)/transpose(jvp(SWAMLA))/mlp/add_any"}
   %loop_select_fusion = (f32[4]{0}, f32[4]{0}) fusion(%p, %q), kind=kLoop, calls=%fs, metadata={op_name="jit(step)/jit(_where)/select_n"}
+  %custom-call.7 = bf16[8,64]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(M))/cycles/block_0/ffn/down_proj/dot_general"}
+  %custom-call.9 = bf16[8,64]{1,0} custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(M))/cycles/block_1/ffn/down_proj/dot_general"}
 }
 """
 
@@ -83,6 +85,29 @@ def test_profile_ranks_kernels_by_op_and_category(tmp_path):
     assert {c["category"] for c in s["categories"]} == {"GEMM", "elementwise fusion"}
     assert "| gemm.1 | 0.03 | 66.7% | 1 | GEMM |" in table
     assert (tmp_path / "profile.md").read_text() == table
+
+
+def test_profile_merges_the_layers_and_names_an_op_by_most_of_its_time(tmp_path):
+    kernel = lambda ts, dur, name, op: {  # noqa: E731
+        "ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
+        "args": {"hlo_op": op}}
+    events = [  # each layer's GEMM starts with a workspace memset, as cuBLASLt calls do
+        kernel(0, 1, "Memset", "custom-call.7"), kernel(1, 10, "nvjet_sm90_tst", "custom-call.7"),
+        kernel(20, 1, "Memset", "custom-call.9"), kernel(21, 12, "nvjet_sm90_tst", "custom-call.9"),
+        kernel(40, 15, "loop_add_fusion_4", "loop_add_fusion.4"),
+    ]
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        json.dump(_trace(events), f)
+    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+        f.write(HLO)
+    table = profile_step.write_report(tmp_path, "jax:tiny:64:bf16", 0.0, 1, 10, "GPU")
+    s = json.loads((tmp_path / "profile.json").read_text())
+    assert [o["category"] for o in s["ops"]] == ["elementwise fusion", "GEMM", "GEMM"]
+    top = s["sources"][0]  # the two layers' down_proj GEMMs, 24 us, above the 15 us add
+    assert top["ops"] == 2 and top["category"] == "GEMM"
+    assert top["ms_per_step"] == pytest.approx(24 / 1e3)
+    assert "block_*/ffn/down_proj" in top["source"] and "block_0" not in top["source"]
+    assert "Layers merged" in table
 
 
 def test_profile_of_a_trace_without_gpu_kernels_says_so(tmp_path):
