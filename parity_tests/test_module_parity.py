@@ -47,13 +47,19 @@ def ropes(cfg, head_dim):
     return t, j, pos_t, pos_j
 
 
+# fused: the projections that share an input run as one GEMM (the trainer's default), same params
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+
+
 @pytest.mark.parametrize("variant", ["default", "gqa", "bias", "rope_scaling", "logit_scale"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_swa_attention(variant, seed):
+@FUSED
+def test_swa_attention(variant, seed, fused):
     cfg = tiny_config(**VARIANTS[variant])
     t_mod = perturb(ta.SWAttention(cfg), seed).eval()
     rt, rj, pt, pj = ropes(cfg, cfg.head_dim)
-    t, j = run_both(t_mod, ja.SWAttention(cfg), inputs(cfg, seed), (rt, pt), (rj, pj))
+    t, j = run_both(t_mod, ja.SWAttention(cfg, fuse_projections=fused), inputs(cfg, seed),
+                    (rt, pt), (rj, pj))
     assert_rel_close(j[0], t[0], RTOL, "SWA output")
     assert_rel_close(j[1], t[1], 10 * RTOL, "SWA input grad")
 
@@ -61,11 +67,13 @@ def test_swa_attention(variant, seed):
 @pytest.mark.parametrize("variant", ["default", "q_lora", "rmsnorm_latents", "bias",
                                      "rope_scaling"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_mla_attention(variant, seed):
+@FUSED
+def test_mla_attention(variant, seed, fused):
     cfg = tiny_config(**VARIANTS[variant])
     t_mod = perturb(ta.MLAttention(cfg), seed).eval()
     rt, rj, pt, pj = ropes(cfg, cfg.qk_rope_head_dim)
-    t, j = run_both(t_mod, ja.MLAttention(cfg), inputs(cfg, seed), (rt, pt), (rj, pj))
+    t, j = run_both(t_mod, ja.MLAttention(cfg, fuse_projections=fused), inputs(cfg, seed),
+                    (rt, pt), (rj, pj))
     assert_rel_close(j[0], t[0], RTOL, "MLA output")
     assert_rel_close(j[1], t[1], 10 * RTOL, "MLA input grad")
 

@@ -105,6 +105,9 @@ class TrainConfig:
     attention_impl: str = _f("auto", "precision", "attention kernel: auto (flash kernels on GPU "
                              "in 16-bit, else reference), reference, or the backend's fast one "
                              "(cudnn in JAX, flex in PyTorch)")
+    fuse_projections: bool = _f(True, "precision", "JAX: run projections that share an input "
+                                "(SWA q/k/v, MLA query + kv down-projection) as one GEMM (same "
+                                "parameters); off under tensor parallelism")
     loss_chunk: int = _f(512, "precision", "cross entropy over chunks of this many positions so "
                          "float32 logits never exist for the whole batch; 0 disables")
     # ---- parallelism
@@ -165,7 +168,8 @@ class TrainConfig:
             if getattr(self, name) == 1.0:
                 raise ConfigError(f"{name} must be < 1, got 1.0")
         for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
-                     "scan_layers", "export_portable", "progress_bar", "tensorboard"):
+                     "scan_layers", "fuse_projections", "export_portable", "progress_bar",
+                     "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr > self.learning_rate:

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from swamla.config import ModelConfig
-from swamla_jax.layers import Dtype, Linear, apply_rope, f32, latent_norm, logit_scale
+from swamla_jax.layers import (Dtype, Linear, LinearParams, apply_rope, f32, fused_projections,
+                               latent_norm, logit_scale)
 
 
 def visible_mask(T: int, S: int, window: int | None, sink: int) -> jax.Array:
@@ -83,6 +84,7 @@ class SWAttention(nn.Module):
     deterministic: bool = True
     dot_general: Callable | None = None
     attention_impl: str = "reference"
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(self, x, rope, positions):
@@ -91,9 +93,10 @@ class SWAttention(nn.Module):
         H, K, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
         lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
                    dot_general=self.dot_general)
-        q = Linear(H * D, ("embed", "q_heads"), name="q_proj", **lin)(x).reshape(B, T, H, D)
-        k = Linear(K * D, ("embed", "kv_heads"), name="k_proj", **lin)(x).reshape(B, T, K, D)
-        v = Linear(K * D, ("embed", "kv_heads"), name="v_proj", **lin)(x).reshape(B, T, K, D)
+        q, k, v = _project(self, x, (("q_proj", H * D, ("embed", "q_heads")),
+                                     ("k_proj", K * D, ("embed", "kv_heads")),
+                                     ("v_proj", K * D, ("embed", "kv_heads"))))
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, K, D), v.reshape(B, T, K, D)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cfg.logit_scale_base is not None and (self.deterministic
@@ -113,6 +116,7 @@ class MLAttention(nn.Module):
     deterministic: bool = True
     dot_general: Callable | None = None
     attention_impl: str = "reference"
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(self, x, rope, positions):
@@ -122,16 +126,20 @@ class MLAttention(nn.Module):
         dqk, dr = cfg.mla_qk_head_dim, cfg.qk_rope_head_dim
         lin = dict(use_bias=cfg.bias, init_std=cfg.init_std, dtype=self.dtype,
                    dot_general=self.dot_general)
+        # The query projection (or its low-rank first half) and the kv down-projection both
+        # read x: one GEMM when fused.
+        latent_spec = ("wkv_a", r + dr, ("embed", "kv_lora"))
         if cfg.q_lora_rank:
-            q = Linear(cfg.q_lora_rank, ("embed", "q_lora"), name="wq_a", **lin)(x)
+            q, latent = _project(self, x, (("wq_a", cfg.q_lora_rank, ("embed", "q_lora")),
+                                           latent_spec))
             q = latent_norm(cfg, self.dtype, "q_norm")(q)
             q = Linear(H * dqk, ("q_lora", "q_heads"), name="wq_b", **lin)(q)
         else:
-            q = Linear(H * dqk, ("embed", "q_heads"), name="wq", **lin)(x)
+            q, latent = _project(self, x, (("wq", H * dqk, ("embed", "q_heads")), latent_spec))
         q = q.reshape(B, T, H, dqk)
         cos, sin = rope
         q = jnp.concatenate((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), axis=-1)
-        latent = Linear(r + dr, ("embed", "kv_lora"), name="wkv_a", **lin)(x)  # (B, T, R+E)
+        # latent: (B, T, R+E)
         c = latent_norm(cfg, self.dtype, "kv_norm")(latent[..., :r])  # (B, T, R)
         k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): shared by all heads
         kv = Linear(H * (dn + dv), ("kv_lora", "q_heads"), name="wkv_b", **lin)(c)
@@ -141,6 +149,19 @@ class MLAttention(nn.Module):
         y = attention(q, k, v, scale=dqk ** -0.5, impl=self.attention_impl, **_dropout(self, cfg))
         y = Linear(C, ("q_heads", "embed"), name="wo", **lin)(y.reshape(B, T, H * dv))
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+
+
+def _project(module: nn.Module, x, specs) -> list[jax.Array]:
+    """The projections ``(name, features, logical axes)`` of x, as one fused GEMM when the module's
+    ``fuse_projections`` is set (layers.fused_projections), else one Linear each; the parameters
+    are the same either way."""
+    cfg = module.cfg
+    if module.fuse_projections:
+        params = [LinearParams(n, axes, cfg.bias, cfg.init_std, name=name)(x.shape[-1])
+                  for name, n, axes in specs]
+        return fused_projections(x, params, module.dtype, module.dot_general)
+    return [Linear(n, axes, cfg.bias, cfg.init_std, module.dtype, module.dot_general,
+                   name=name)(x) for name, n, axes in specs]
 
 
 def _dropout(module: nn.Module, cfg: ModelConfig) -> dict:

@@ -44,6 +44,7 @@ class Block(nn.Module):
     deterministic: bool = True
     dot_general: Callable | None = None
     attention_impl: str = "reference"
+    fuse_projections: bool = False
 
     @nn.compact
     def __call__(self, x, ropes, positions):
@@ -55,7 +56,8 @@ class Block(nn.Module):
         else:
             names, attn, rope = ("attn_norm", "ffn_norm", "ffn"), MLAttention, ropes[1]
         h = block_norm(cfg, self.dtype, names[0])(x)
-        x = x + attn(name="attn", attention_impl=self.attention_impl, **sub)(h, rope, positions)
+        x = x + attn(name="attn", attention_impl=self.attention_impl,
+                     fuse_projections=self.fuse_projections, **sub)(h, rope, positions)
         h = block_norm(cfg, self.dtype, names[1])(x)
         return x + SwiGLU(name=names[2], **sub)(h)
 
@@ -79,6 +81,7 @@ class Cycle(nn.Module):
     remat_policy: str = "none"
     dot_general: Callable | None = None
     attention_impl: str = "reference"
+    fuse_projections: bool = False
     looped: bool = True  # False when the scan is fully unrolled (no loop keeps CSE away)
 
     @nn.compact
@@ -86,7 +89,8 @@ class Cycle(nn.Module):
         block = _block_class(self.remat_policy, scanned=self.looped)
         for j, kind in enumerate(self.cfg.cycle):
             x = block(self.cfg, kind, self.dtype, self.deterministic, self.dot_general,
-                      self.attention_impl, name=f"block_{j}")(x, ropes, positions)
+                      self.attention_impl, self.fuse_projections, name=f"block_{j}")(
+                x, ropes, positions)
         return x, None
 
 
@@ -197,7 +201,9 @@ class SWAMLA(nn.Module):
     the loss is computed over chunks of ``loss_chunk`` positions, each chunk's logits recomputed
     in the backward pass, so float32 logits never exist for the whole batch; logits are then
     not returned (None). ``scan_layers=False`` fully unrolls the loop over cycles (the parameter
-    tree is the same).
+    tree is the same). ``fuse_projections`` runs the projections that share an input (SWA q/k/v,
+    MLA query and kv down-projection) as one GEMM each (same parameters; not under tensor
+    parallelism, see ``layers.fused_projections``).
     """
 
     cfg: ModelConfig
@@ -207,6 +213,7 @@ class SWAMLA(nn.Module):
     attention_impl: str = "auto"
     loss_chunk: int = 0
     scan_layers: bool = False
+    fuse_projections: bool = True
 
     @nn.compact
     def __call__(self, idx, targets=None, *, deterministic: bool = True):
@@ -224,7 +231,7 @@ class SWAMLA(nn.Module):
 
         impl = resolve_attention_impl(self.attention_impl, self.dtype, cfg.dropout)
         common = dict(dtype=self.dtype, deterministic=deterministic, dot_general=self.dot_general,
-                      attention_impl=impl)
+                      attention_impl=impl, fuse_projections=self.fuse_projections)
         if cfg.n_cycles:
             scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},

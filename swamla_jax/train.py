@@ -86,7 +86,9 @@ class Trainer:
                              remat_policy=cfg.remat_policy,
                              dot_general=fp8_dot_general if cfg.use_fp8 else None,
                              attention_impl=_jax_attention_impl(cfg.attention_impl),
-                             loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers)
+                             loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers,
+                             # fused kernels would interleave tensor-parallel column shards
+                             fuse_projections=cfg.fuse_projections and mesh.shape["tensor"] == 1)
         boxed = jax.eval_shape(lambda: init_params(self.module, cfg.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh)
         self.param_shapes = sharding.unbox_values(boxed)

@@ -268,10 +268,12 @@ def test_two_processes_match_one(shards, tmp_path):
     ("--gradient_checkpointing", "--remat_policy", "dots_with_no_batch_dims_saveable"),
     ("--scan_layers", "false"),
     ("--scan_layers", "false", "--gradient_checkpointing", "--remat_policy", "full"),
-], ids=["full", "dots_no_batch", "unrolled", "unrolled_full"])
+    ("--fuse_projections", "false"),
+], ids=["full", "dots_no_batch", "unrolled", "unrolled_full", "separate_projections"])
 def test_remat_and_unrolling_do_not_change_the_step(shards, variant):
-    """Rematerialization trades memory for compute and unrolling the layer scan trades compile
-    time for fusion; the loss and gradients stay the same."""
+    """Rematerialization trades memory for compute, unrolling the layer scan trades compile
+    time for fusion, fused projections trade narrow GEMMs for one wide one; the loss and
+    gradients stay the same."""
     import jax
 
     from swamla_jax import sharding
