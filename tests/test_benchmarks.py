@@ -51,16 +51,26 @@ ENTRY %main {
 """
 
 
-def _trace(events):
+def _kernel(ts, dur, name, op, tid=1):
+    """A GPU kernel event as jax.profiler's trace holds it."""
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_op": op}}
+
+
+def _profile(out, events, step_ms=0.0, steps=1, device="GPU"):
+    """Write a trace of ``events`` (and HLO) where profile_step.py saves them, then rank it."""
     meta = [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}},
             {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
-    return {"traceEvents": meta + events}
+    with gzip.open(out / "trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    with gzip.open(out / "hlo.txt.gz", "wt") as f:
+        f.write(HLO)
+    table = profile_step.write_report(out, "jax:tiny:64:bf16", step_ms, steps, 10, device)
+    return table, json.loads((out / "profile.json").read_text())
 
 
 def test_profile_ranks_kernels_by_op_and_category(tmp_path):
-    kernel = lambda ts, dur, name, op, tid=1: {  # noqa: E731
-        "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
-        "args": {"hlo_op": op}}
+    kernel = _kernel
     events = [
         kernel(0, 30, "nvjet_sm90_tst_256x128", "gemm.1"),
         kernel(40, 10, "loop_add_fusion_4", "command_buffer_9"),  # attributed by kernel name
@@ -69,12 +79,7 @@ def test_profile_ranks_kernels_by_op_and_category(tmp_path):
         kernel(70, 20, "nvjet_sm90_tst_256x128", "gemm.1"),
         {"ph": "X", "pid": 7, "tid": 3, "ts": 0, "dur": 999, "name": "python host work"},
     ]
-    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
-        json.dump(_trace(events), f)
-    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
-        f.write(HLO)
-    table = profile_step.write_report(tmp_path, "jax:tiny:64:bf16", 12.5, 2, 10, "GPU")
-    s = json.loads((tmp_path / "profile.json").read_text())
+    table, s = _profile(tmp_path, events, step_ms=12.5, steps=2)
     assert s["kernel_ms_per_step"] == pytest.approx(75 / 2 / 1e3)  # host events left out
     assert s["busy_ms_per_step"] == pytest.approx(70 / 2 / 1e3)  # 40..55 counted once
     assert [o["op"] for o in s["ops"]] == ["gemm.1", "loop_add_fusion_4", "loop_select_fusion"]
@@ -88,20 +93,13 @@ def test_profile_ranks_kernels_by_op_and_category(tmp_path):
 
 
 def test_profile_merges_the_layers_and_names_an_op_by_most_of_its_time(tmp_path):
-    kernel = lambda ts, dur, name, op: {  # noqa: E731
-        "ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name,
-        "args": {"hlo_op": op}}
+    kernel = _kernel
     events = [  # each layer's GEMM starts with a workspace memset, as cuBLASLt calls do
         kernel(0, 1, "Memset", "custom-call.7"), kernel(1, 10, "nvjet_sm90_tst", "custom-call.7"),
         kernel(20, 1, "Memset", "custom-call.9"), kernel(21, 12, "nvjet_sm90_tst", "custom-call.9"),
         kernel(40, 15, "loop_add_fusion_4", "loop_add_fusion.4"),
     ]
-    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
-        json.dump(_trace(events), f)
-    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
-        f.write(HLO)
-    table = profile_step.write_report(tmp_path, "jax:tiny:64:bf16", 0.0, 1, 10, "GPU")
-    s = json.loads((tmp_path / "profile.json").read_text())
+    table, s = _profile(tmp_path, events)
     assert [o["category"] for o in s["ops"]] == ["elementwise fusion", "GEMM", "GEMM"]
     top = s["sources"][0]  # the two layers' down_proj GEMMs, 24 us, above the 15 us add
     assert top["ops"] == 2 and top["category"] == "GEMM"
@@ -111,9 +109,5 @@ def test_profile_merges_the_layers_and_names_an_op_by_most_of_its_time(tmp_path)
 
 
 def test_profile_of_a_trace_without_gpu_kernels_says_so(tmp_path):
-    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
-        json.dump(_trace([]), f)
-    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
-        f.write(HLO)
     with pytest.raises(SystemExit, match="no GPU kernels"):
-        profile_step.write_report(tmp_path, "c", 0.0, 1, 5, "cpu")
+        _profile(tmp_path, [], device="cpu")
