@@ -16,6 +16,11 @@ added to XLA_FLAGS unless XLA_FLAGS already names the flag), and a kernel found 
 buffer anyway is attributed by its name, which XLA derives from the fusion's.
 
     python benchmarks/profile_step.py --summarize prof/   # re-rank a saved trace, no GPU needed
+    python benchmarks/profile_step.py --traffic prof/     # bytes moved by memory-bound ops
+
+``traffic.md`` (also written by a profile run) ranks the memory-bound ops of the compiled step by
+the bytes they read and write: with the HBM bandwidth, a floor under their time to compare
+with what the trace measured.
 """
 
 from __future__ import annotations
@@ -71,6 +76,65 @@ def hlo_index(hlo: str) -> dict[str, str]:
         source = re.sub(r"^jit\([^)]*\)/", "", source)
         out[name] = out[name.replace(".", "_")] = f"{shape[:60]} {what} | {source[-90:]}"
     return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+HBM_BYTES_PER_S = 3.0e12  # what a streaming kernel reaches on an H100 SXM (3.35 TB/s peak)
+
+
+def _shape_bytes(shape: str) -> int:
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES.get(dtype, 0)
+    return total
+
+
+def hlo_traffic(hlo: str, top: int) -> dict:
+    """The bytes each memory-bound op of the compiled step's entry computation reads and writes
+    (operands + result; GEMMs, attention calls, parameters, constants and bitcasts left out),
+    merged over the layers like the profile's sources. Their sum over the HBM bandwidth is the
+    floor under the elementwise, reduction and copy time, whatever the fusions; loop bodies
+    (the chunked loss) are not counted."""
+    entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
+    shapes, rows = {}, collections.defaultdict(lambda: [0, 0])
+    for line in entry.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*?)\)(.*)", line)
+        if not m:
+            continue
+        name, shape, opcode, operands, rest = m.groups()
+        shapes[name] = shape
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        if opcode in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element") or (
+                target and re.search(r"cublas|cudnn|gemm", target.group(1))) or (
+                "kind=kCustom" in rest and "gemm" in name):
+            continue
+        moved = _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, ""))
+                                          for o in re.findall(r"%([\w.\-]+)", operands))
+        kind = re.search(r"kind=(\w+)", rest)
+        src = re.search(r'op_name="([^"]+)"', rest)
+        source = re.sub(r"^jit\([^)]*\)/", "", src.group(1)) if src else ""
+        key = source_key(f"{shape[:60]} {kind.group(1) if kind else opcode} | {source[-90:]}")
+        rows[key][0] += moved
+        rows[key][1] += 1
+    total = sum(b for b, _ in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"bytes": total, "ms_at_hbm": total / HBM_BYTES_PER_S * 1e3,
+            "ops": [{"source": k, "bytes": b, "ms_at_hbm": b / HBM_BYTES_PER_S * 1e3, "ops": n}
+                    for k, (b, n) in ranked]}
+
+
+def traffic_markdown(t: dict) -> str:
+    lines = [f"Memory-bound ops of the compiled step (entry computation): {t['bytes'] / 1e9:.1f} GB "
+             f"read and written, {t['ms_at_hbm']:.1f} ms at {HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
+             "| source op (shape, kind, JAX source) | MB | ms at HBM speed | HLO ops |",
+             "|---|---|---|---|"]
+    lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['bytes'] / 1e6:.0f} | "
+              f"{o['ms_at_hbm']:.2f} | {o['ops']} |" for o in t["ops"]]
+    return "\n".join(lines) + "\n"
 
 
 def device_events(trace: dict) -> list[dict]:
@@ -182,12 +246,23 @@ def main(argv=None):
     p.add_argument("--case", help="as in bench_train.py, a JAX case")
     p.add_argument("--summarize", metavar="DIR", help="re-rank DIR/trace.json.gz (a saved "
                    "profile) instead of running a case; --case and --steps describe it")
+    p.add_argument("--traffic", metavar="DIR", help="from DIR/hlo.txt.gz alone: the bytes the "
+                   "step's memory-bound ops move, ranked (no trace or GPU needed)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps traced")
     p.add_argument("--remat", default="none")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default="profile")
     args = p.parse_args(argv)
+    if args.traffic:
+        if not (Path(args.traffic) / "hlo.txt.gz").is_file():
+            raise SystemExit(f"--traffic reads {Path(args.traffic) / 'hlo.txt.gz'}, which is not "
+                             "there: point it at a folder a profile run wrote (--out)")
+        with gzip.open(Path(args.traffic) / "hlo.txt.gz", "rt") as f:
+            table = traffic_markdown(hlo_traffic(f.read(), args.top))
+        (Path(args.traffic) / "traffic.md").write_text(table)
+        print(table)
+        return
     if args.summarize:
         out = Path(args.summarize)
         meta = json.loads((out / "profile.json").read_text()) if (out / "profile.json").exists() \
@@ -210,8 +285,10 @@ def main(argv=None):
     with jax_setup(preset, seq, args.batch, dtype, args.remat, extra, devices) as (
             trainer, state, batch, _):
         compiled = trainer.train_step.lower(state, batch).compile()
+        hlo_text = compiled.as_text()
         with gzip.open(out / "hlo.txt.gz", "wt") as f:
-            f.write(compiled.as_text())
+            f.write(hlo_text)
+        (out / "traffic.md").write_text(traffic_markdown(hlo_traffic(hlo_text, args.top)))
         for _ in range(3):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)

@@ -108,6 +108,42 @@ def test_profile_merges_the_layers_and_names_an_op_by_most_of_its_time(tmp_path)
     assert "Layers merged" in table
 
 
+TRAFFIC_HLO = """\
+HloModule step
+%loop_body (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %inner = f32[8]{0} add(%p, %p)
+}
+ENTRY %main (a: bf16[8,1024], w: bf16[1024,1024]) -> bf16[8,1024] {
+  %a = bf16[8,1024]{1,0} parameter(0)
+  %w = bf16[1024,1024]{1,0} parameter(1)
+  %gemm.1 = bf16[8,1024]{1,0} custom-call(%a, %w), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/block_0/mlp/dot_general"}
+  %add_fusion.0 = bf16[8,1024]{1,0} fusion(%gemm.1, %a), kind=kLoop, calls=%f0, metadata={op_name="jit(step)/block_0/add"}
+  %add_fusion.1 = bf16[8,1024]{1,0} fusion(%add_fusion.0, %a), kind=kLoop, calls=%f1, metadata={op_name="jit(step)/block_1/add"}
+  ROOT %norm = f32[8]{0} fusion(%add_fusion.1), kind=kInput, calls=%f2, metadata={op_name="jit(step)/ln_f/reduce_sum"}
+}
+"""
+
+
+def test_traffic_counts_the_bytes_of_memory_bound_ops_only(tmp_path, capsys):
+    t = profile_step.hlo_traffic(TRAFFIC_HLO, top=10)
+    act = 8 * 1024 * 2  # one bf16[8, 1024]
+    adds, norm = t["ops"]  # the GEMM, the parameters and the loop body are not counted
+    assert adds["ops"] == 2 and adds["bytes"] == 2 * 3 * act  # two reads and a write, per layer
+    assert "block_*/add" in adds["source"]
+    assert norm["bytes"] == act + 8 * 4
+    assert t["bytes"] == adds["bytes"] + norm["bytes"]
+    assert t["ms_at_hbm"] == pytest.approx(t["bytes"] / profile_step.HBM_BYTES_PER_S * 1e3)
+    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+        f.write(TRAFFIC_HLO)
+    profile_step.main(["--traffic", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "ms at 3.0 TB/s" in printed and "| HLO ops |" in printed
+    assert (tmp_path / "traffic.md").read_text() == printed.rstrip("\n") + "\n"
+    with pytest.raises(SystemExit, match="not there"):
+        profile_step.main(["--traffic", str(tmp_path / "missing")])
+
+
 def test_profile_of_a_trace_without_gpu_kernels_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no GPU kernels"):
         _profile(tmp_path, [], device="cpu")
