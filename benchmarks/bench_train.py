@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,9 +188,21 @@ def parse_case(case: str):
     return framework, preset, seq, dtype, devices, extra
 
 
+def case_batch(seq: int, batch: int) -> int:
+    """Rows per data-parallel GPU for a case: ``batch`` up to sequence 2048; beyond, as many
+    rows as keep the tokens per step of ``batch`` x 2048, so lengths compare at equal work."""
+    if seq <= 2048:
+        return batch
+    if (batch * 2048) % seq:
+        raise SystemExit(f"--batch {batch} at sequence {seq} cannot hold the {batch} x 2048 "
+                         f"tokens per step the 2048 cases take: use a --batch that is a multiple "
+                         f"of {seq // math.gcd(seq, 2048)}")
+    return batch * 2048 // seq
+
+
 def run_case(case: str, batch: int, steps: int, remat: str, compile_model: bool) -> dict:
     framework, preset, seq, dtype, devices, extra = parse_case(case)
-    b = max(1, batch * 2048 // seq) if seq > 2048 else batch  # same tokens per step
+    b = case_batch(seq, batch)
     fn = run_jax if framework == "jax" else run_torch
     kwargs = {} if framework == "jax" else {"compile_model": compile_model}
     r = fn(preset, seq, b, dtype, steps, remat, extra, devices=devices, **kwargs)
@@ -238,6 +251,8 @@ def main(argv=None):
         if result.pop("is_main", True):
             print("RESULT " + json.dumps(result), flush=True)
         return
+    for case in args.cases:  # every case checked before the first one runs
+        case_batch(parse_case(case)[2], args.batch)
     rows = []
     for case in args.cases:
         framework, *_, devices, _ = parse_case(case)

@@ -27,6 +27,15 @@ def test_cases_parse_and_bad_cases_say_how():
             bench_train.parse_case(bad)
 
 
+def test_long_cases_keep_the_tokens_per_step_or_refuse():
+    assert bench_train.case_batch(1024, 3) == 3
+    assert bench_train.case_batch(8192, 8) == 2  # 8 x 2048 tokens either way
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        bench_train.case_batch(8192, 2)  # would run half the tokens: refused, not rounded
+    with pytest.raises(SystemExit, match="multiple of 4"):  # before any case starts
+        bench_train.main(["--cases", "jax:tiny:64:bf16", "jax:small:8192:bf16", "--batch", "2"])
+
+
 def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     bench_train.main(["--cases", "jax:tiny:64:bf16+scan_layers=true", "jax:nope:64:bf16",
