@@ -136,10 +136,9 @@ class MLAttention(nn.Module):
             q = Linear(H * dqk, ("q_lora", "q_heads"), name="wq_b", **lin)(q)
         else:
             q, latent = _project(self, x, (("wq", H * dqk, ("embed", "q_heads")), latent_spec))
-        q = q.reshape(B, T, H, dqk)
+        q = q.reshape(B, T, H, dqk)  # latent: (B, T, R+E)
         cos, sin = rope
         q = jnp.concatenate((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), axis=-1)
-        # latent: (B, T, R+E)
         c = latent_norm(cfg, self.dtype, "kv_norm")(latent[..., :r])  # (B, T, R)
         k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): shared by all heads
         kv = Linear(H * (dn + dv), ("kv_lora", "q_heads"), name="wkv_b", **lin)(c)
@@ -156,12 +155,12 @@ def _project(module: nn.Module, x, specs) -> list[jax.Array]:
     ``fuse_projections`` is set (layers.fused_projections), else one Linear each; the parameters
     are the same either way."""
     cfg = module.cfg
+    init = dict(use_bias=cfg.bias, init_std=cfg.init_std)
     if module.fuse_projections:
-        params = [LinearParams(n, axes, cfg.bias, cfg.init_std, name=name)(x.shape[-1])
-                  for name, n, axes in specs]
+        params = [LinearParams(n, axes, name=name, **init)(x.shape[-1]) for name, n, axes in specs]
         return fused_projections(x, params, module.dtype, module.dot_general)
-    return [Linear(n, axes, cfg.bias, cfg.init_std, module.dtype, module.dot_general,
-                   name=name)(x) for name, n, axes in specs]
+    return [Linear(n, axes, name=name, dtype=module.dtype, dot_general=module.dot_general,
+                   **init)(x) for name, n, axes in specs]
 
 
 def _dropout(module: nn.Module, cfg: ModelConfig) -> dict:

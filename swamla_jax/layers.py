@@ -85,12 +85,12 @@ class LinearParams(nn.Module):
 def fused_projections(x, params, dtype, dot_general=None):
     """``[x W_i + b_i for (W_i, b_i) in params]`` as one GEMM over the concatenated kernels.
 
-    One GEMM instead of several narrow ones reads x once, runs wider (k/v projections of a few
-    hundred columns underfill an H100), and in the backward pass yields d(x) from one GEMM rather
-    than a sum of several; with FP8, x is quantized once. The kernels stay separate parameters
-    (the checkpoint layout does not change); their concatenation is a copy of the weights, small
-    next to the activations. Needs the kernels' output axes unsharded (no tensor parallelism):
-    concatenating sharded columns would interleave the shards.
+    One GEMM instead of several reads x once, runs wider (narrow projections, such as grouped
+    k/v heads, underfill a GPU), and in the backward pass yields d(x) from one GEMM rather than a
+    sum of several; with FP8, x is quantized once for all of them. The kernels stay separate
+    parameters (the checkpoint layout does not change); their concatenation is a copy of the
+    weights, small next to the activations. Needs the kernels' output axes unsharded (no tensor
+    parallelism): concatenating sharded columns would interleave the shards.
     """
     sizes = [w.shape[1] for w, _ in params]
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=1)
