@@ -134,7 +134,7 @@ class SWAMLA(nn.Module):
         cfg = self.config
         B, T = idx.shape
         check_sequence_length(T, cfg.block_size)
-        if self.check_inputs:
+        if self.check_inputs and not torch.compiler.is_compiling():  # a host sync: no graph break
             check_token_ids(idx.detach().cpu().numpy(), cfg.vocab_size)
         positions = torch.arange(T, device=idx.device)
         ropes = {

@@ -387,3 +387,25 @@ def test_two_processes_match_one(shards, tmp_path, wrap):
     # a 2-process checkpoint resumes in one process (the data state is global)
     meta = ts.load_train_state(tmp_path / "two" / "checkpoints" / "step_00000004")[3]
     assert meta["data_state"]["global_rows"] == 4
+
+
+@pytest.mark.parametrize("variant", ["plain", "dropout", "chunked_loss", "checkpointing", "flex"])
+def test_compiled_model_has_no_graph_breaks(variant):
+    """torch.compile sees one graph for the whole model: no host sync or Python-side branch on
+    data splits it (the model's own token-id check steps aside while compiling)."""
+    from swamla.config import load_preset
+
+    cfg = load_preset("tiny", dropout=0.1 if variant == "dropout" else 0.0)
+    model = swamla_torch.model.SWAMLA(cfg).train()
+    model.loss_chunk = 16 if variant == "chunked_loss" else 0
+    model.gradient_checkpointing = variant == "checkpointing"
+    idx = torch.randint(0, cfg.vocab_size, (2, 64))
+    grad = torch.enable_grad()
+    if variant == "flex":  # FlexAttention's backward needs a GPU; its forward traces anywhere
+        assert model.set_attention_impl("flex", "cpu", torch.bfloat16) == "flex"
+        model, grad = model.to(torch.bfloat16).eval(), torch.no_grad()
+    torch._dynamo.reset()
+    with grad:
+        explained = torch._dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
+    assert explained.graph_count == 1
