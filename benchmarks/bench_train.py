@@ -102,12 +102,16 @@ def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):
                 rows=int(batch_arr[0].shape[1]), mesh=dict(mesh.shape))
 
 
-def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=True, devices=1):
-    """One process per GPU: under torchrun (devices > 1) the model is wrapped in DDP, or FSDP2
-    with ``+fsdp=true``, exactly as train_torch.py wraps it; rank 0 reports."""
+@contextlib.contextmanager
+def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, devices=1):
+    """Yields one case's torch training step, built as train_torch.py builds it: one process
+    per GPU, under torchrun (devices > 1) the model wrapped in DDP, or FSDP2 with
+    ``+fsdp=true``. The namespace has ``step()`` (forward, backward, clip, optimizer; returns
+    the loss), ``sync()``, ``env``, ``cfg``, ``par`` and ``impl`` (the attention kernel)."""
+    import types
+
     import torch
 
-    from swamla.config import count_params
     from swamla.train_config import parse_args
     from swamla_torch import distributed
     from swamla_torch.fp8 import use_fp8_linears
@@ -127,7 +131,6 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
         use_fp8_linears(raw)
     impl = raw.set_attention_impl("auto", env.device, torch.bfloat16)
     cuda = env.device.type == "cuda"  # CPU runs (gloo) only check the launch path
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     par = distributed.parallelize(raw, cfg, env)
     opt = build_optimizer(raw.named_parameters(), cfg, env.device)  # as train_torch.py builds it
     x = torch.randint(0, 50257, (batch, seq), device=env.device,
@@ -142,35 +145,49 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
         opt.zero_grad(set_to_none=True)
         return loss
 
-    sync()
-    t0 = time.perf_counter()
-    loss = step()
-    sync()
-    compile_s = time.perf_counter() - t0
-    for _ in range(2):
-        step()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    distributed.barrier(env)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    step_s = (time.perf_counter() - t0) / steps
-    step_s = float(distributed.all_reduce_sum(torch.tensor(step_s, device=env.device),
-                                              env)) / env.world_size  # mean over ranks
-    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-                        device=env.device)
-    if env.world_size > 1:
-        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    out = dict(step_s=step_s, compile_s=compile_s, loss=float(loss), peak_gib=float(peak),
-               fp8_gemms=None, n_params=count_params(cfg.model),
-               device=env.device_name, attention=impl, rows=batch * env.world_size,
-               wrap="fsdp2" if par.fsdp else "ddp" if par.ddp is not None else "none",
-               is_main=env.is_main)
-    distributed.teardown(env)
-    return out
+    try:
+        yield types.SimpleNamespace(step=step, sync=torch.cuda.synchronize if cuda else (lambda: None),
+                                    cuda=cuda, env=env, cfg=cfg, par=par, impl=impl)
+    finally:
+        distributed.teardown(env)
+
+
+def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=True, devices=1):
+    """Times a torch case (torch_setup); rank 0 reports."""
+    import torch
+
+    from swamla.config import count_params
+    from swamla_torch import distributed
+
+    with torch_setup(preset, seq, batch, dtype, remat, extra, compile_model, devices) as t:
+        env, sync = t.env, t.sync
+        sync()
+        t0 = time.perf_counter()
+        loss = t.step()
+        sync()
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            t.step()
+        sync()
+        if t.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        distributed.barrier(env)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = t.step()
+        sync()
+        step_s = (time.perf_counter() - t0) / steps
+        step_s = float(distributed.all_reduce_sum(torch.tensor(step_s, device=env.device),
+                                                  env)) / env.world_size  # mean over ranks
+        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if t.cuda else 0.0,
+                            device=env.device)
+        if env.world_size > 1:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        return dict(step_s=step_s, compile_s=compile_s, loss=float(loss), peak_gib=float(peak),
+                    fp8_gemms=None, n_params=count_params(t.cfg.model),
+                    device=env.device_name, attention=t.impl, rows=batch * env.world_size,
+                    wrap="fsdp2" if t.par.fsdp else "ddp" if t.par.ddp is not None else "none",
+                    is_main=env.is_main)
 
 
 def parse_case(case: str):

@@ -1,6 +1,7 @@
-"""Where a JAX training step spends its time: a jax.profiler trace ranked by XLA op.
+"""Where a training step spends its GPU time: a profiler trace ranked by op and category.
 
     python benchmarks/profile_step.py --case jax:small:2048:bf16 --out prof/ [--top 40]
+    python benchmarks/profile_step.py --case torch:small:2048:bf16 --out prof_torch/
 
 Builds the step exactly as ``bench_train.py`` does (same case syntax, one process), runs a few
 warm-up steps, traces ``--steps`` steps and ranks the device kernels of the trace by total time:
@@ -14,6 +15,11 @@ XLA replays most of a step as CUDA graphs ("command buffers"), which hide which 
 kernel belongs to; the profile is taken with them off (``--xla_gpu_enable_command_buffer=``,
 added to XLA_FLAGS unless XLA_FLAGS already names the flag), and a kernel found inside a command
 buffer anyway is attributed by its name, which XLA derives from the fusion's.
+
+A torch case (one GPU, compiled unless ``--no-compile``) is traced with torch.profiler and
+ranked by kernel: Inductor names its Triton kernels after the ops they fuse
+(``triton_poi_fused_add_mul_...`` pointwise, ``triton_red_``/``triton_per_`` reductions,
+``triton_tem_`` templates such as FlexAttention), so the same tables compare the two backends.
 
     python benchmarks/profile_step.py --summarize prof/   # re-rank a saved trace, no GPU needed
     python benchmarks/profile_step.py --traffic prof/     # bytes moved by memory-bound ops
@@ -40,16 +46,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_train import jax_setup, parse_case  # noqa: E402
+from bench_train import jax_setup, parse_case, torch_setup  # noqa: E402
 
 CATEGORIES = (  # first match wins; matched against the kernel name and the HLO op name
     ("collective", re.compile(r"nccl|all-gather|all-reduce|reduce-scatter|collective", re.I)),
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|fprop|bprop|sdpa|dot_product_attention",
                                      re.I)),
+    ("Triton template (flex attention, GEMM)", re.compile(r"triton_tem", re.I)),
     ("GEMM", re.compile(r"gemm|cublas|xmma|nvjet|matmul|cutlass|\bdot\b|triton_gemm", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice", re.I)),
-    ("reduction", re.compile(r"reduce|input_fusion", re.I)),
-    ("elementwise fusion", re.compile(r"fusion|loop", re.I)),
+    ("reduction", re.compile(r"reduce|input_fusion|triton_red|triton_per", re.I)),
+    ("elementwise fusion", re.compile(r"fusion|loop|triton_poi|elementwise", re.I)),
 )
 
 
@@ -137,13 +144,17 @@ def traffic_markdown(t: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_TORCH_GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
 def device_events(trace: dict) -> list[dict]:
-    """Complete ('X') events on GPU device rows of a Chrome trace (kernels, memcpys)."""
+    """Complete ('X') GPU events of a Chrome trace (kernels, memcpys): on jax.profiler's device
+    rows, or of torch.profiler's GPU categories."""
     gpu_pids = {e["pid"] for e in trace["traceEvents"]
                 if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
-    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in gpu_pids
-            and "dur" in e]
+    return [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e
+            and (e.get("pid") in gpu_pids or e.get("cat") in _TORCH_GPU_CATS)]
 
 
 def busy_time(events: list[dict]) -> float:
@@ -227,8 +238,10 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     """Rank ``out/trace.json.gz`` against ``out/hlo.txt.gz``; write profile.json and profile.md."""
     with gzip.open(out / "trace.json.gz", "rt") as f:
         trace = json.load(f)
-    with gzip.open(out / "hlo.txt.gz", "rt") as f:
-        hlo = hlo_index(f.read())
+    hlo = {}  # a torch trace has none: its kernels are named after what they fuse
+    if (out / "hlo.txt.gz").is_file():
+        with gzip.open(out / "hlo.txt.gz", "rt") as f:
+            hlo = hlo_index(f.read())
     events = device_events(trace)
     if not events:
         raise SystemExit(f"the trace in {out} holds no GPU kernels: profile on a GPU")
@@ -238,6 +251,33 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     table = markdown(case, step_ms, summary)
     (out / "profile.md").write_text(table)
     return table
+
+
+def profile_torch(out: Path, args, preset, seq, dtype, extra) -> str:
+    """Trace ``args.steps`` steps of a torch case with torch.profiler; rank them (write_report)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    (out / "hlo.txt.gz").unlink(missing_ok=True)  # a JAX profile's, from an earlier run
+    with torch_setup(preset, seq, args.batch, dtype, args.remat, extra,
+                     not args.no_compile) as t:
+        for _ in range(3):  # compile and warm up
+            t.step()
+        t.sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.cuda else [])
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                t.step()
+            t.sync()
+        step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        device = t.env.device_name
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as f, gzip.open(out / "trace.json.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    trace.unlink()
+    return write_report(out, args.case, step_ms, args.steps, args.top, device)
 
 
 def main(argv=None):
@@ -251,6 +291,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps traced")
     p.add_argument("--remat", default="none")
+    p.add_argument("--no-compile", action="store_true", help="a torch case runs eager")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default="profile")
     args = p.parse_args(argv)
@@ -273,15 +314,18 @@ def main(argv=None):
     if not args.case:
         p.error("--case is required (or --summarize DIR)")
     framework, preset, seq, dtype, devices, extra = parse_case(args.case)
-    if framework != "jax":
-        raise SystemExit("profile_step.py profiles JAX cases; use torch.profiler for torch")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if framework == "torch":
+        if devices != 1:
+            raise SystemExit("a torch case is profiled on one GPU; drop the @devices")
+        print(profile_torch(out, args, preset, seq, dtype, extra))
+        return
     if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with jax_setup(preset, seq, args.batch, dtype, args.remat, extra, devices) as (
             trainer, state, batch, _):
         compiled = trainer.train_step.lower(state, batch).compile()

@@ -39,8 +39,11 @@ def test_long_cases_keep_the_tokens_per_step_or_refuse():
 def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     bench_train.main(["--cases", "jax:tiny:64:bf16+scan_layers=true", "jax:nope:64:bf16",
-                      "--batch", "2", "--steps", "2", "--out", str(out), "--md", str(md)])
-    ok, failed = json.loads(out.read_text())
+                      "torch:tiny:64:bf16", "--no-compile", "--batch", "2", "--steps", "2",
+                      "--out", str(out), "--md", str(md)])
+    ok, failed, torch_row = json.loads(out.read_text())
+    assert torch_row["framework"] == "torch" and torch_row["rows"] == 2
+    assert torch_row["tokens_per_s"] > 0 and torch_row["wrap"] == "none"
     assert ok["case"] == "jax:tiny:64:bf16+scan_layers=true" and ok["devices"] == 1
     assert ok["tokens_per_s"] > 0 and ok["tokens_per_s"] == ok["tokens_per_s_per_gpu"]
     assert ok["rows"] == 2 and ok["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
@@ -151,6 +154,41 @@ def test_traffic_counts_the_bytes_of_memory_bound_ops_only(tmp_path, capsys):
     assert (tmp_path / "traffic.md").read_text() == printed.rstrip("\n") + "\n"
     with pytest.raises(SystemExit, match="not there"):
         profile_step.main(["--traffic", str(tmp_path / "missing")])
+
+
+def test_profile_ranks_a_torch_trace_by_kernel(tmp_path):
+    """torch.profiler's trace: GPU kernels by category, no HLO; CPU ops left out."""
+    events = [{**_kernel(0, 30, "nvjet_sm90_tst_256x128", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(30, 10, "triton_poi_fused_add_mul_0", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(40, 6, "triton_red_fused_pow_sum_1", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(46, 20, "triton_tem_fused_2", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(66, 2, "Memset (Device)", "-"), "cat": "gpu_memset", "pid": 0},
+              {**_kernel(0, 500, "aten::mm", "-"), "cat": "cpu_op", "pid": 0}]
+    for e in events:
+        del e["args"]  # torch's events carry no HLO op
+    out = tmp_path / "prof"
+    out.mkdir()
+    with gzip.open(out / "trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    profile_step.write_report(out, "torch:tiny:64:bf16", 0.0, 1, 10, "GPU")
+    s = json.loads((out / "profile.json").read_text())
+    assert s["kernel_ms_per_step"] == pytest.approx(68 / 1e3)  # the CPU op is not a kernel
+    cats = {c["category"]: c["ms_per_step"] * 1e3 for c in s["categories"]}
+    assert cats == pytest.approx({"GEMM": 30, "elementwise fusion": 10, "reduction": 6,
+                                  "Triton template (flex attention, GEMM)": 20,
+                                  "copy/transpose": 2})
+
+
+def test_a_torch_case_is_traced_and_needs_a_gpu_to_rank(tmp_path):
+    """The whole torch path runs on CPU (setup, warm-up, torch.profiler, trace export); ranking
+    then says that a CPU trace holds no GPU kernels."""
+    with pytest.raises(SystemExit, match="no GPU kernels"):
+        profile_step.main(["--case", "torch:tiny:64:bf16", "--batch", "2", "--steps", "1",
+                           "--no-compile", "--out", str(tmp_path)])
+    with gzip.open(tmp_path / "trace.json.gz", "rt") as f:
+        assert any(e.get("cat") == "cpu_op" for e in json.load(f)["traceEvents"])
+    with pytest.raises(SystemExit, match="one GPU"):
+        profile_step.main(["--case", "torch:tiny:64:bf16@2", "--out", str(tmp_path)])
 
 
 def test_profile_of_a_trace_without_gpu_kernels_says_so(tmp_path):
