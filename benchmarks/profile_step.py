@@ -67,21 +67,32 @@ def category(kernel: str, op: str) -> str:
     return "other"
 
 
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) (\w[\w\-]*)\((.*?)\)(.*)")
+
+
+def _instructions(hlo: str):
+    """(name, shape, operand names, label, custom-call target) of each instruction line of an HLO
+    text; the label is 'shape kind | source op', kind being the custom-call target, the fusion
+    kind or the opcode, and source the JAX op the instruction came from."""
+    for line in hlo.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, operands, rest = m.groups()
+        kind = re.search(r"kind=(\w+)", rest)
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        src = re.search(r'op_name="([^"]+)"', rest)
+        what = target.group(1) if target else (kind.group(1) if kind else opcode)
+        source = re.sub(r"^jit\([^)]*\)/", "", src.group(1)) if src else ""
+        yield (name, shape, opcode, re.findall(r"%([\w.\-]+)", operands),
+               f"{shape[:60]} {what} | {source[-90:]}", target.group(1) if target else "")
+
+
 def hlo_index(hlo: str) -> dict[str, str]:
     """HLO op name -> 'shape kind | source op' from the compiled module's instruction lines."""
     out = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) (\w[\w\-]*)\(", line)
-        if not m:
-            continue
-        name, shape, opcode = m.groups()
-        kind = re.search(r"kind=(\w+)", line)
-        target = re.search(r'custom_call_target="([^"]+)"', line)
-        src = re.search(r'op_name="([^"]+)"', line)
-        what = target.group(1) if target else (kind.group(1) if kind else opcode)
-        source = src.group(1) if src else ""
-        source = re.sub(r"^jit\([^)]*\)/", "", source)
-        out[name] = out[name.replace(".", "_")] = f"{shape[:60]} {what} | {source[-90:]}"
+    for name, _, _, _, label, _ in _instructions(hlo):
+        out[name] = out[name.replace(".", "_")] = label
     return out
 
 
@@ -108,25 +119,15 @@ def hlo_traffic(hlo: str, top: int) -> dict:
     (the chunked loss) are not counted."""
     entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
     shapes, rows = {}, collections.defaultdict(lambda: [0, 0])
-    for line in entry.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*?)\)(.*)", line)
-        if not m:
-            continue
-        name, shape, opcode, operands, rest = m.groups()
+    for name, shape, opcode, operands, label, target in _instructions(entry):
         shapes[name] = shape
-        target = re.search(r'custom_call_target="([^"]+)"', rest)
-        if opcode in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element") or (
-                target and re.search(r"cublas|cudnn|gemm", target.group(1))) or (
-                "kind=kCustom" in rest and "gemm" in name):
+        if opcode in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element") or \
+                re.search(r"cublas|cudnn|gemm", target) or ("kCustom" in label and "gemm" in name):
             continue
-        moved = _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, ""))
-                                          for o in re.findall(r"%([\w.\-]+)", operands))
-        kind = re.search(r"kind=(\w+)", rest)
-        src = re.search(r'op_name="([^"]+)"', rest)
-        source = re.sub(r"^jit\([^)]*\)/", "", src.group(1)) if src else ""
-        key = source_key(f"{shape[:60]} {kind.group(1) if kind else opcode} | {source[-90:]}")
-        rows[key][0] += moved
-        rows[key][1] += 1
+        moved = _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+        row = rows[source_key(label)]
+        row[0] += moved
+        row[1] += 1
     total = sum(b for b, _ in rows.values())
     ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
     return {"bytes": total, "ms_at_hbm": total / HBM_BYTES_PER_S * 1e3,
