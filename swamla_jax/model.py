@@ -94,21 +94,27 @@ class Cycle(nn.Module):
         return x, None
 
 
+def _token_losses(logits, lse, targets, label_smoothing: float):
+    """SPEC 5 loss of each position from float32 logits (..., V) and their log-sum-exp (...),
+    0 where the target is -100: ``-(1-e) log p_t - e/(V-1) sum_{j != t} log p_j``."""
+    valid = targets != IGNORE_INDEX
+    tgt = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    loss = lse - tgt  # -log p(target)
+    if label_smoothing > 0.0:
+        V = logits.shape[-1]
+        loss = lse - (1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * (
+            logits.sum(-1) - tgt)
+    return jnp.where(valid, loss, 0.0)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0):
     """Mean token cross entropy over targets != -100 in float32 (SPEC 5).
 
     With smoothing eps the target class gets weight 1 - eps and every other class eps / (V - 1).
     """
-    logp = jax.nn.log_softmax(logits.astype(f32), axis=-1)  # (B, T, V)
-    valid = targets != IGNORE_INDEX
-    safe = jnp.where(valid, targets, 0)
-    tgt = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    loss = -tgt
-    if label_smoothing > 0.0:
-        V = logits.shape[-1]
-        loss = -(1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * (logp.sum(-1) - tgt)
-    loss = jnp.where(valid, loss, 0.0)
-    return loss.sum() / jnp.maximum(valid.sum(), 1)
+    logits = logits.astype(f32)
+    loss = _token_losses(logits, jax.nn.logsumexp(logits, axis=-1), targets, label_smoothing)
+    return loss.sum() / jnp.maximum((targets != IGNORE_INDEX).sum(), 1)
 
 
 def _split_chunks(a, chunk: int, fill):
@@ -133,20 +139,12 @@ def _head_loss_sum(xs, emb, ts, label_smoothing: float):
 
 
 def _head_loss_fwd(xs, emb, ts, label_smoothing):
-    V = emb.shape[0]
-
     def body(total, xs):
         xc, tc = xs
         logits = _chunk_logits(xc, emb)  # (B, chunk, V) float32, this chunk only
         m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
         lse = (m + jnp.log(jnp.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
-        valid = tc != IGNORE_INDEX
-        tgt = jnp.take_along_axis(logits, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
-        loss = lse - tgt  # -log p(target)
-        if label_smoothing > 0.0:  # -(1-e) log p_t - e/(V-1) sum_{j != t} log p_j
-            loss = lse - (1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * (
-                logits.sum(-1) - tgt)
-        return total + jnp.where(valid, loss, 0.0).sum(), lse
+        return total + _token_losses(logits, lse, tc, label_smoothing).sum(), lse
 
     total, lse = jax.lax.scan(body, jnp.zeros([], f32), (xs, ts))
     return total, (xs, emb, ts, lse)
