@@ -61,16 +61,48 @@ def _exact_window(q, k, v, scale, window, return_lse):
     return (out, jax.lax.stop_gradient(lse.reshape(B, N, T))) if return_lse else out
 
 
+def _window_scores(q, k, scale, window):
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    s = jnp.einsum("BTKGD,BSKD->BKGTS", q.reshape(B, T, K, N // K, D), k) * scale
+    return jnp.where(visible_mask(T, T, window, 0), s, -jnp.inf)
+
+
+def _exact_window_bwd(q, k, v, out, lse, d_out, scale, window):
+    """cuDNN's window backward given the saved statistics, in float32."""
+    return kernels.explicit_attention_bwd(_window_scores(q, k, scale, window), q, k, v, out, lse,
+                                          d_out, scale)
+
+
+def _inputs(kv_heads, T=33, seed=1):
+    rng = np.random.default_rng(seed)
+    q, cot = (jnp.asarray(rng.standard_normal((2, T, 4, 8)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((2, T, kv_heads, 8)), jnp.float32) for _ in range(2))
+    return q, k, v, cot
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_explicit_attention_bwd_is_the_gradient(kv_heads):
+    """The flash backward from saved (output, LSE) equals autodiff of the attention itself."""
+    q, k, v, cot = _inputs(kv_heads)
+    with jax.default_matmul_precision("highest"):
+        out, lse = _exact_window(q, k, v, 0.3, 8, True)
+        got = kernels.explicit_attention_bwd(_window_scores(q, k, 0.3, 8), q, k, v, out, lse,
+                                             cot, 0.3)
+        want = jax.grad(lambda q, k, v: jnp.sum(_exact_window(q, k, v, 0.3, 8, False) * cot),
+                        argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, want):
+        assert rel(a, b) < 1e-5, name
+
+
 @pytest.mark.parametrize("window,sink,kv_heads", [(8, 4, 4), (8, 4, 2), (5, 1, 4), (40, 4, 4)])
-def test_swa_sink_merge_and_lse_gradient(monkeypatch, window, sink, kv_heads):
-    """The window+sink merge and the custom LSE gradient, with cuDNN's stop-gradient LSE
-    stood in for by an exact window attention that also stops the LSE gradient."""
+def test_swa_sink_merge_and_its_split_gradient(monkeypatch, window, sink, kv_heads):
+    """The window+sink merge and its backward (the window part's backward run with the merged
+    statistics, the sink part's in JAX), with cuDNN's forward and backward stood in for by exact
+    float32 window attention."""
     monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((2, 33, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 33, kv_heads, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 33, kv_heads, 8)), jnp.float32)
-    cot = jnp.asarray(rng.standard_normal((2, 33, 4, 8)), jnp.float32)
+    monkeypatch.setattr(kernels, "_cudnn_window_bwd", _exact_window_bwd)
+    q, k, v, cot = _inputs(kv_heads)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
@@ -87,15 +119,14 @@ def test_swa_sink_merge_and_lse_gradient(monkeypatch, window, sink, kv_heads):
 
 
 def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
-    """The merge is recomputed in the backward pass: what autodiff saves for it is bf16 (q and
-    the sink keys/values); a float32 (B, T, N, D) residual would be two bf16 copies per layer."""
+    """What the backward pass keeps is bf16 (q, k, v, the merged output) and the (B, N, T) LSE:
+    a float32 (B, T, N, D) residual would be two bf16 copies per layer."""
     from jax._src.ad_checkpoint import saved_residuals
 
     monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
     q = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 4, 8)), jnp.bfloat16)
-    lse = jnp.zeros((2, 4, 64), jnp.float32)
-    merged = lambda q: kernels._merge_sink(  # noqa: E731
-        q, q[:, :4], q[:, :4], q, lse, 0.3, 8).astype(jnp.float32).sum()
+    merged = lambda q: kernels.swa_sink_attention(  # noqa: E731
+        q, q, q, scale=0.3, window=8, sink=4).astype(jnp.float32).sum()
     saved = [aval for aval, _ in saved_residuals(merged, q)]
     assert saved and not [a for a in saved if a.dtype == jnp.float32 and a.size >= q.size], saved
 
