@@ -70,10 +70,7 @@ def jax_setup(preset, seq, batch, dtype, remat, extra=(), devices=1):
         state = trainer.init_state()
         rows = batch * mesh.shape["data"] * mesh.shape["fsdp"]
         tokens = np.random.default_rng(0).integers(0, 50257, (2, 1, rows, seq)).astype(np.int32)
-        batch_arr = tuple(jax.device_put(t, trainer.batch_sharding) for t in tokens)
-        if trainer.needs_calibration(state):  # FP8 delayed scaling, as train() does first
-            state = trainer.calibrate_step(state, batch_arr)
-        yield trainer, state, batch_arr, mesh
+        yield trainer, state, tuple(jax.device_put(t, trainer.batch_sharding) for t in tokens), mesh
 
 
 def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):

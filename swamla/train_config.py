@@ -94,11 +94,6 @@ class TrainConfig:
     compute_dtype: str = _f("bfloat16", "precision", "activation/matmul dtype: bfloat16 or float32")
     use_fp8: bool = _f(False, "precision", "FP8 matmuls (H100/H200); needs compute_dtype "
                        "bfloat16")
-    fp8_amax_history: int = _f(16, "precision", "FP8 scaling of activations and gradients (JAX): "
-                               "N > 0 = delayed, from the largest amax of the last N steps (the "
-                               "cast fuses into the producing op); 0 = current, each tensor's "
-                               "own amax (an extra pass). Weights, and PyTorch's FP8, always "
-                               "scale current")
     gradient_checkpointing: bool = _f(False, "precision", "recompute activations in the "
                                       "backward pass (saves memory, ~20% slower)")
     remat_policy: str | None = _f(None, "precision", "JAX remat policy: " + ", ".join(
@@ -164,7 +159,7 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "max_bad_steps",
                      "eval_interval", "eval_iters", "save_interval", "log_interval"):
             require_int(self, name, 1)
-        for name in ("warmup_iters", "keep_checkpoints", "seed", "fp8_amax_history"):
+        for name in ("warmup_iters", "keep_checkpoints", "seed"):
             require_int(self, name, 0)
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             require_float(self, name, lo=0.0, lo_open=(name == "learning_rate"))

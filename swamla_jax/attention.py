@@ -158,8 +158,7 @@ def _project(module: nn.Module, x, specs) -> list[jax.Array]:
     init = dict(use_bias=cfg.bias, init_std=cfg.init_std)
     if module.fuse_projections:
         params = [LinearParams(n, axes, name=name, **init)(x.shape[-1]) for name, n, axes in specs]
-        return fused_projections(x, params, module.dtype, module.dot_general,
-                                 name="_".join(name for name, _, _ in specs) + "_fp8")
+        return fused_projections(x, params, module.dtype, module.dot_general)
     return [Linear(n, axes, name=name, dtype=module.dtype, dot_general=module.dot_general,
                    **init)(x) for name, n, axes in specs]
 

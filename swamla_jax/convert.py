@@ -129,15 +129,10 @@ def _module(cfg: ModelConfig, dtype, remat_policy) -> SWAMLA:
     return SWAMLA(cfg, dtype=jnp.dtype(dtype), remat_policy=remat_policy)
 
 
-def init_variables(module: SWAMLA, seed: int = 0) -> dict:
-    """SPEC 6 random init of every collection: boxed ``params`` (they carry their logical axis
-    names) and, with FP8 delayed scaling, the empty ``fp8_stats`` histories."""
-    return dict(module.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))
-
-
 def init_params(module: SWAMLA, seed: int = 0):
     """SPEC 6 random init; returns boxed params (they carry their logical axis names)."""
-    return init_variables(module, seed)["params"]
+    idx = jnp.zeros((1, 1), jnp.int32)
+    return module.init(jax.random.key(seed), idx)["params"]
 
 
 def abstract_params(module: SWAMLA):

@@ -51,22 +51,12 @@ class Linear(nn.Module):
         out = (self.features,) if self.view is None else self.view
         if self.view is not None:
             kernel = nn.with_logical_constraint(kernel.reshape(x.shape[-1], *out), self.view_axes)
-        dot = dot_general_of(self.dot_general, "fp8")
+        dot = self.dot_general or lax.dot_general
         y = dot(x.astype(self.dtype), kernel.astype(self.dtype),
                 (((x.ndim - 1,), (0,)), ((), ())))
         if bias is not None:
             y = y + bias.reshape(out).astype(self.dtype)
         return y
-
-
-def dot_general_of(hook, name: str):
-    """The ``dot_general`` a layer runs for a hook: lax's (None), the hook itself, or, for a hook
-    with per-GEMM state (FP8 delayed scaling: ``make_module``), a module of its own named ``name``
-    under the calling module."""
-    if hook is None:
-        return lax.dot_general
-    make = getattr(hook, "make_module", None)
-    return hook if make is None else make(name)
 
 
 def _linear_params(module, in_features: int):
@@ -92,7 +82,7 @@ class LinearParams(nn.Module):
         return _linear_params(self, in_features)
 
 
-def fused_projections(x, params, dtype, dot_general=None, name: str = "fused_fp8"):
+def fused_projections(x, params, dtype, dot_general=None):
     """``[x W_i + b_i for (W_i, b_i) in params]`` as one GEMM over the concatenated kernels.
 
     One GEMM instead of several reads x once, runs wider (narrow projections, such as grouped
@@ -100,12 +90,11 @@ def fused_projections(x, params, dtype, dot_general=None, name: str = "fused_fp8
     sum of several; with FP8, x is quantized once for all of them. The kernels stay separate
     parameters (the checkpoint layout does not change); their concatenation is a copy of the
     weights, small next to the activations. Needs the kernels' output axes unsharded (no tensor
-    parallelism): concatenating sharded columns would interleave the shards. ``name``: that of the
-    GEMM's state, if the hook keeps one (see :func:`dot_general_of`).
+    parallelism): concatenating sharded columns would interleave the shards.
     """
     sizes = [w.shape[1] for w, _ in params]
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=1)
-    dot = dot_general_of(dot_general, name)
+    dot = dot_general or lax.dot_general
     y = dot(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if any(b is not None for _, b in params):
         y = y + jnp.concatenate([(jnp.zeros((n,), dtype) if b is None else b.astype(dtype))

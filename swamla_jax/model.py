@@ -22,7 +22,6 @@ import jax.numpy as jnp
 
 from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
 from swamla_jax.attention import MLAttention, SWAttention, resolve_attention_impl
-from swamla_jax.fp8 import FP8_STATS
 from swamla_jax.layers import Dtype, Embed, SwiGLU, block_norm, f32, rope_tables
 
 IGNORE_INDEX = -100
@@ -195,8 +194,7 @@ class SWAMLA(nn.Module):
 
     ``dtype`` is the compute dtype (parameters are always float32); ``deterministic=False`` turns
     on dropout (rng stream ``'dropout'``) and is what training passes. ``dot_general`` replaces
-    the block matmuls (FP8: ``swamla_jax.fp8.DelayedScaling`` or ``fp8_dot_general``; the former
-    keeps amax histories in the ``fp8_stats`` collection); ``attention_impl`` picks the
+    the block matmuls (FP8: ``swamla_jax.fp8.fp8_dot_general``); ``attention_impl`` picks the
     kernel (``swamla_jax.attention.resolve_attention_impl``). With ``loss_chunk > 0`` and targets,
     the loss is computed over chunks of ``loss_chunk`` positions, each chunk's logits recomputed
     in the backward pass, so float32 logits never exist for the whole batch; logits are then
@@ -233,7 +231,7 @@ class SWAMLA(nn.Module):
         common = dict(dtype=self.dtype, deterministic=deterministic, dot_general=self.dot_general,
                       attention_impl=impl, fuse_projections=self.fuse_projections)
         if cfg.n_cycles:
-            scanned = nn.scan(Cycle, variable_axes={"params": 0, FP8_STATS: 0},
+            scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_cycles,
                               unroll=1 if self.scan_layers else cfg.n_cycles,

@@ -34,9 +34,9 @@ from swamla.train_config import TrainConfig
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
-from swamla_jax.convert import (Model, from_portable_tensors, init_params, init_variables,
-                                save_pretrained, to_portable_tensors)
-from swamla_jax.fp8 import FP8_STATS, DelayedScaling, fp8_dot_general, stats_are_empty
+from swamla_jax.convert import (Model, from_portable_tensors, init_params, save_pretrained,
+                                to_portable_tensors)
+from swamla_jax.fp8 import fp8_dot_general
 from swamla_jax.model import SWAMLA
 from swamla_jax.optim import build_optimizer, moments_of, with_moments
 
@@ -61,7 +61,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw key data, so Orbax stores it as plain uint32
     bad_steps: jax.Array  # consecutive non-finite steps
-    fp8_stats: Any = None  # FP8 delayed scaling's amax histories (swamla_jax.fp8), else None
 
 
 def _shard_like_params(tree, param_shardings, mesh):
@@ -83,11 +82,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, mesh):
         self.cfg, self.mesh = cfg, mesh
-        delayed = cfg.use_fp8 and cfg.fp8_amax_history > 0
-        dot = (DelayedScaling(cfg.fp8_amax_history) if delayed
-               else fp8_dot_general if cfg.use_fp8 else None)
         self.module = SWAMLA(cfg.model, dtype=jnp.dtype(cfg.compute_dtype),
-                             remat_policy=cfg.remat_policy, dot_general=dot,
+                             remat_policy=cfg.remat_policy,
+                             dot_general=fp8_dot_general if cfg.use_fp8 else None,
                              attention_impl=_jax_attention_impl(cfg.attention_impl),
                              loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers,
                              # fused kernels would interleave tensor-parallel column shards
@@ -97,85 +94,53 @@ class Trainer:
         self.param_shapes = sharding.unbox_values(boxed)
         self.tx = build_optimizer(cfg, self.param_shapes)
         shapes = jax.eval_shape(self._fresh_state)
-        stats_shardings = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                                 shapes.fp8_stats)
         self.state_shardings = TrainState(
             step=sharding.replicated(mesh), params=self.param_shardings,
             opt_state=_shard_like_params(shapes.opt_state, self.param_shardings, mesh),
-            rng=sharding.replicated(mesh), bad_steps=sharding.replicated(mesh),
-            fp8_stats=stats_shardings)
+            rng=sharding.replicated(mesh), bad_steps=sharding.replicated(mesh))
         self.state_shapes = shapes
         self.batch_sharding = sharding.batch_sharding(mesh, leading=1)
         self.init_state = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, None))
-        self.eval_step = jax.jit(self._eval_loss, in_shardings=(
-            self.param_shardings, stats_shardings, self.batch_sharding))
-        # FP8 delayed scaling: one pass with current scaling fills empty amax histories.
-        self.calibrate_step = None
-        if delayed:
-            self.calibration_module = self.module.clone(
-                dot_general=DelayedScaling(cfg.fp8_amax_history, calibrate=True))
-            self.calibrate_step = jax.jit(
-                self._calibrate, donate_argnums=0, out_shardings=self.state_shardings,
-                in_shardings=(self.state_shardings, self.batch_sharding))
-
-    def needs_calibration(self, state) -> bool:
-        """True for a state whose FP8 amax histories are empty (fresh or imported)."""
-        return self.calibrate_step is not None and stats_are_empty(state.fp8_stats)
+        self.eval_step = jax.jit(self._eval_loss, in_shardings=(self.param_shardings,
+                                                                 self.batch_sharding))
 
     def abstract_state(self):
         return abstract_with_shardings(self.state_shapes, self.state_shardings)
 
     def _fresh_state(self):
-        variables = init_variables(self.module, self.cfg.seed)
-        params = nn.meta.unbox(variables["params"])
+        params = nn.meta.unbox(init_params(self.module, self.cfg.seed))
         return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                           opt_state=self.tx.init(params),
                           rng=jax.random.key_data(jax.random.key(self.cfg.seed + 1)),
-                          bad_steps=jnp.zeros([], jnp.int32),
-                          fp8_stats=variables.get(FP8_STATS))
+                          bad_steps=jnp.zeros([], jnp.int32))
 
-    def _loss(self, params, stats, inputs, targets, rng, train: bool, module=None):
-        variables = {"params": params} if stats is None else {"params": params, FP8_STATS: stats}
-        return (module or self.module).apply(variables, inputs, targets, deterministic=not train,
-                                             rngs={"dropout": rng})[1]
-
-    def _calibrate(self, state: TrainState, batch):
-        """The state with its FP8 amax histories filled from the first micro-batch of ``batch``
-        (forward and backward with current scaling; parameters untouched)."""
-        inputs, targets = batch
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        stats = jax.grad(self._loss, argnums=1)(state.params, state.fp8_stats, inputs[0],
-                                                targets[0], rng, True, self.calibration_module)
-        return state.replace(fp8_stats=stats)
+    def _loss(self, params, inputs, targets, rng, train: bool):
+        return self.module.apply({"params": params}, inputs, targets, deterministic=not train,
+                                 rngs={"dropout": rng})[1]
 
     def _train_step(self, state: TrainState, batch):
         """One optimizer step over ``batch`` = (inputs, targets), each (k, B, T)."""
         inputs, targets = batch
         k = inputs.shape[0]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # The "gradient" of the FP8 amax histories is their updated value (swamla_jax.fp8).
-        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1))
+        grad_fn = jax.value_and_grad(self._loss)
 
         def micro(carry, xs):  # gradient accumulation: sum over micro-batches inside the step
-            grads, stats, loss = carry
+            grads, loss = carry
             i, x, y = xs
-            loss_i, (g, s) = grad_fn(state.params, state.fp8_stats, x, y,
-                                     jax.random.fold_in(rng, i), True)
-            # every micro-batch pushed its amax onto the same old history: keep the largest
-            return (jax.tree_util.tree_map(jnp.add, grads, g),
-                    jax.tree_util.tree_map(jnp.maximum, stats, s), loss + loss_i), None
+            loss_i, g = grad_fn(state.params, x, y, jax.random.fold_in(rng, i), True)
+            return (jax.tree_util.tree_map(jnp.add, grads, g), loss + loss_i), None
 
         if k == 1:  # no accumulation buffer: a whole float32 copy of the parameters saved
-            loss, (grads, stats) = grad_fn(state.params, state.fp8_stats, inputs[0], targets[0],
-                                           jax.random.fold_in(rng, 0), True)
+            loss, grads = grad_fn(state.params, inputs[0], targets[0], jax.random.fold_in(rng, 0),
+                                  True)
         else:
-            zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)  # noqa: E731
-            (grads, stats, loss), _ = jax.lax.scan(
-                micro, (zeros(state.params), zeros(state.fp8_stats), jnp.zeros([], jnp.float32)),
-                (jnp.arange(k), inputs, targets))
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)),
+                                            (jnp.arange(k), inputs, targets))
             grads = jax.tree_util.tree_map(lambda g: g / k, grads)
             loss = loss / k
         grad_norm = optax.tree.norm(grads)
@@ -191,15 +156,13 @@ class Trainer:
                                          state.opt_state)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
-            bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
-            fp8_stats=jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), stats,
-                                             state.fp8_stats))
+            bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
         return new_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok,
                            "bad_steps": new_state.bad_steps}
 
-    def _eval_loss(self, params, stats, batch):
+    def _eval_loss(self, params, batch):
         inputs, targets = batch
-        return self._loss(params, stats, inputs[0], targets[0], jax.random.key(0), False)
+        return self._loss(params, inputs[0], targets[0], jax.random.key(0), False)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -253,12 +216,10 @@ def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.array([flag])).any())
 
 
-def evaluate(trainer: Trainer, state: TrainState, loader, iters: int,
-             vocab_size: int) -> dict[str, float]:
+def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> dict[str, float]:
     """Mean validation loss over ``iters`` batches from the start of the validation stream."""
     loader.reset()
-    losses = [trainer.eval_step(state.params, state.fp8_stats,
-                                _to_global(trainer, _next_batch(loader, 1, vocab_size)))
+    losses = [trainer.eval_step(params, _to_global(trainer, _next_batch(loader, 1, vocab_size)))
               for _ in range(iters)]
     loss = float(np.mean(jax.device_get(losses)))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -404,14 +365,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "data_state": _gather_data_state(train_loader), "train_config": cfg.to_dict()}
 
         last: dict[str, Any] = {}
-        calibrate = trainer.needs_calibration(state)
         t0, steps_since, pending = time.perf_counter(), 0, None
         try:
             with StopSignal() as stop:
                 while step < cfg.max_iters:
                     batch = _to_global(trainer, _next_batch(train_loader, k, vocab))
-                    if calibrate:  # FP8 delayed scaling starts from this batch's amaxes
-                        state, calibrate = trainer.calibrate_step(state, batch), False
                     state, metrics = trainer.train_step(state, batch)
                     step += 1
                     steps_since += 1
@@ -437,7 +395,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         t0, steps_since = time.perf_counter(), 0
                     bar.update(1, {"loss": last.get("loss")})
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                        last.update(evaluate(trainer, state, val_loader, cfg.eval_iters, vocab))
+                        last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
+                                             vocab))
                         logger.log(step, {k_: last[k_] for k_ in ("eval_loss", "eval_ppl")})
                         t0, steps_since = time.perf_counter(), 0  # eval time is not train time
                     if step % cfg.save_interval == 0 or step == cfg.max_iters:

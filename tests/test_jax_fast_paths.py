@@ -165,64 +165,20 @@ def test_fp8_matmul_with_several_output_axes_equals_the_flat_one():
                                    np.asarray(b, np.float32).reshape(-1), rtol=1e-2, atol=1e-3)
 
 
-def test_fp8_delayed_scaling_calibrates_then_scales_from_its_history():
-    """Calibration is current scaling and fills both histories with this step's amaxes; a
-    delayed step scales from the histories (the same scale gives the same bits) and pushes the
-    new amax in front; the histories' cotangents are those updated histories."""
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.bfloat16)
-    w = jnp.asarray(0.05 * rng.standard_normal((32, 24)), jnp.float32)
-    cot = jnp.asarray(rng.standard_normal((2, 8, 24)), jnp.bfloat16)
-    amax_x = float(jnp.max(jnp.abs(x.astype(jnp.float32))))
-    amax_g = float(jnp.max(jnp.abs(cot.astype(jnp.float32))))
-    empty = jnp.zeros(4, jnp.float32)
-
-    def run(x_hist, g_hist, calibrate):
-        y, vjp = jax.vjp(lambda x, w, hx, hg: fp8.fp8_matmul_delayed(x, w, hx, hg, calibrate),
-                         x, w, x_hist, g_hist)
-        return y, vjp(cot)
-
-    y_cal, (dx_cal, dw_cal, hx, hg) = run(empty, empty, True)
-    np.testing.assert_array_equal(y_cal, fp8.fp8_matmul(x, w))  # calibration = current scaling
-    np.testing.assert_allclose(hx, [amax_x] * 4, rtol=1e-6)
-    np.testing.assert_allclose(hg, [amax_g] * 4, rtol=1e-6)
-
-    y, (dx, dw, hx2, hg2) = run(hx, hg, False)  # histories holding exactly these amaxes
-    np.testing.assert_array_equal(y, y_cal)
-    np.testing.assert_array_equal(dx, dx_cal)
-    np.testing.assert_array_equal(dw, dw_cal)
-
-    older = jnp.asarray([0.0, 3 * amax_x, 0.0, 0.0], jnp.float32)  # a larger amax 2 steps ago
-    y_old, (_, _, hx3, _) = run(older, hg, False)
-    np.testing.assert_allclose(hx3, [amax_x, 0.0, 3 * amax_x, 0.0], rtol=1e-6)  # pushed in front
-    assert not np.array_equal(y_old, y)  # another scale: other float8 values...
-    exact = jnp.einsum("btk,kn->btn", x.astype(jnp.float32), w)
-    assert rel(y_old, exact) < 0.1  # ...of the same product
-
-
 def test_fp8_rejects_other_contractions():
     with pytest.raises(ValueError, match="supports x"):
         fp8.fp8_dot_general(jnp.ones((2, 3)), jnp.ones((2, 3)), (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("recipe", ["current", "delayed"])
-def test_fp8_model_trains_on_cpu_emulation(recipe):
+def test_fp8_model_trains_on_cpu_emulation():
     cfg = load_preset("tiny", n_layer=3)
-    hook = fp8.fp8_dot_general if recipe == "current" else fp8.DelayedScaling(4, calibrate=True)
-    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=hook)
-    idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
-    variables = sj.convert.init_variables(module)
+    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
     params = sj.from_config(cfg).params
-    stats = variables.get(fp8.FP8_STATS, {})
-    loss, grads = jax.value_and_grad(
-        lambda p, s: module.apply({"params": p, **({fp8.FP8_STATS: s} if s else {})}, idx,
-                                  idx)[1], argnums=(0, 1))(params, stats)
+    idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
+    loss, grads = jax.value_and_grad(lambda p: module.apply({"params": p}, idx, idx)[1])(params)
     ref = sj.SWAMLA(cfg, dtype=jnp.bfloat16).apply({"params": params}, idx, idx)[1]
     assert np.isfinite(float(loss)) and abs(float(loss) - float(ref)) < 0.02 * float(ref)
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
-    if recipe == "delayed":  # an input and a gradient history per GEMM, all filled: 4 GEMMs
-        hists = jax.tree_util.tree_leaves(grads[1])  # per SWA block (q/k/v fused), 5 per MLA
-        assert len(hists) == 2 * (2 * 4 + 5) and all(float(h.min()) > 0 for h in hists)
 
 
 # ---------------------------------------------------------------------------- GPU only
@@ -279,18 +235,14 @@ def test_bf16_model_logits_match_float32():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["current", "delayed"])
-def test_fp8_gemms_are_in_the_compiled_hlo(recipe):
+def test_fp8_gemms_are_in_the_compiled_hlo():
     """The XLA FP8 rewrite fails silently when the pattern breaks: assert the cuBLASLt FP8 GEMM."""
     cfg = load_preset("tiny", n_embd=256, n_head=4, block_size=256)
-    hook = fp8.fp8_dot_general if recipe == "current" else fp8.DelayedScaling(16)
-    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=hook)
-    variables = sj.convert.init_variables(module)
-    params, stats = variables["params"], variables.get(fp8.FP8_STATS, {})
+    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
+    params = sj.from_config(cfg).params
     idx = jnp.zeros((4, 256), jnp.int32)
-    step = jax.jit(jax.grad(lambda p, s: module.apply(
-        {"params": p, **({fp8.FP8_STATS: s} if s else {})}, idx, idx)[1], argnums=(0, 1)))
-    hlo = step.lower(params, stats).compile().as_text()
+    step = jax.jit(jax.grad(lambda p: module.apply({"params": p}, idx, idx)[1]))
+    hlo = step.lower(params).compile().as_text()
     f8, bf16 = hlo.count("__cublas$lt$matmul$f8"), hlo.count('"__cublas$lt$matmul"')
     # XLA emits the small GEMMs of this model as Triton fusions; of those left to cuBLASLt, the
     # block projections must be FP8 (H100, JAX 0.11.2: 4 FP8 against 3 bf16, the latter being the
@@ -301,8 +253,7 @@ def test_fp8_gemms_are_in_the_compiled_hlo(recipe):
 @gpu
 @pytest.mark.gpu
 def test_fp8_training_tracks_bf16(tmp_path):
-    """200 steps of FP8 training (delayed and current scaling) end within 2% of the bf16 run's
-    loss (same data and init)."""
+    """200 steps of FP8 training end within 2% of the bf16 run's loss (same data and init)."""
     from swamla.data.synthetic import write_synthetic_shards
     from swamla.metrics import read_metrics
     from swamla.train_config import parse_args
@@ -310,8 +261,7 @@ def test_fp8_training_tracks_bf16(tmp_path):
 
     shards = write_synthetic_shards(tmp_path / "shards", n_docs=3000, alphabet=2000)
     final = {}
-    for name, extra in (("bf16", []), ("fp8", ["--use_fp8"]),
-                        ("fp8_current", ["--use_fp8", "--fp8_amax_history", "0"])):
+    for name, extra in (("bf16", []), ("fp8", ["--use_fp8"])):
         out = tmp_path / name
         train(parse_args(["--size", "tiny", "--n_embd", "256", "--n_head", "4", "--n_layer", "6",
                           "--block_size", "512", "--swa_window", "128", "--batch_size", "8",
@@ -321,5 +271,4 @@ def test_fp8_training_tracks_bf16(tmp_path):
                           "--output_dir", str(out), *extra]))
         curve = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
         final[name] = float(np.mean(curve[-20:]))
-    for recipe in ("fp8", "fp8_current"):
-        assert abs(final[recipe] - final["bf16"]) <= 0.02 * final["bf16"], final
+    assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final
