@@ -71,9 +71,10 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) (\w[\w\
 
 
 def _instructions(hlo: str):
-    """(name, shape, operand names, label, custom-call target) of each instruction line of an HLO
-    text; the label is 'shape kind | source op', kind being the custom-call target, the fusion
-    kind or the opcode, and source the JAX op the instruction came from."""
+    """(name, shape, opcode, operand names, label, custom-call target, called computation) of each
+    instruction line of an HLO text; the label is 'shape kind | source op', kind being the
+    custom-call target, the fusion kind or the opcode, and source the JAX op the instruction came
+    from."""
     for line in hlo.splitlines():
         m = _INSTRUCTION.match(line)
         if not m:
@@ -82,16 +83,18 @@ def _instructions(hlo: str):
         kind = re.search(r"kind=(\w+)", rest)
         target = re.search(r'custom_call_target="([^"]+)"', rest)
         src = re.search(r'op_name="([^"]+)"', rest)
+        calls = re.search(r"calls=%([\w.\-]+)", rest)
         what = target.group(1) if target else (kind.group(1) if kind else opcode)
         source = re.sub(r"^jit\([^)]*\)/", "", src.group(1)) if src else ""
         yield (name, shape, opcode, re.findall(r"%([\w.\-]+)", operands),
-               f"{shape[:60]} {what} | {source[-90:]}", target.group(1) if target else "")
+               f"{shape[:60]} {what} | {source[-90:]}", target.group(1) if target else "",
+               calls.group(1) if calls else None)
 
 
 def hlo_index(hlo: str) -> dict[str, str]:
     """HLO op name -> 'shape kind | source op' from the compiled module's instruction lines."""
     out = {}
-    for name, _, _, _, label, _ in _instructions(hlo):
+    for name, _, _, _, label, _, _ in _instructions(hlo):
         out[name] = out[name.replace(".", "_")] = label
     return out
 
@@ -101,30 +104,96 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16":
 HBM_BYTES_PER_S = 3.0e12  # what a streaming kernel reaches on an H100 SXM (3.35 TB/s peak)
 
 
-def _shape_bytes(shape: str) -> int:
-    total = 0
+def _arrays(shape: str):
+    """(dtype, element count) of each array in an HLO shape (a tuple has several)."""
     for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        total += n * _DTYPE_BYTES.get(dtype, 0)
-    return total
+        yield dtype, n
+
+
+def _shape_bytes(shape: str) -> int:
+    return sum(n * _DTYPE_BYTES.get(dtype, 0) for dtype, n in _arrays(shape))
+
+
+def _elements(shape: str) -> int:
+    return sum(n for _, n in _arrays(shape))
+
+
+_COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """The body text of each computation of an HLO module (fused computations included), by name."""
+    out, name, body = {}, None, []
+    for line in hlo.splitlines():
+        if name is None:
+            m = _COMPUTATION.match(line)
+            if m:
+                name, body = m.group(1), []
+        elif line.startswith("}"):
+            out[name], name = "\n".join(body), None
+        else:
+            body.append(line)
+    return out
+
+
+def _fusion_bytes(body: str, result: int, operands: list[int]) -> int:
+    """Bytes a fusion moves, from its fused computation: an operand read only through slices
+    counts the sliced elements (e.g. one layer of a stacked parameter), and a root
+    dynamic-update-slice into an operand (in place) counts the update, not the whole buffer, as
+    written and not as read. Bitcasts and converts of an operand are views of it (a fusion
+    evaluates them only where they are read)."""
+    params, sliced, whole = {}, collections.defaultdict(int), set()
+    for line in body.splitlines():
+        m = re.match(r"\s*%?([\w.\-]+) = (\S+) parameter\((\d+)\)", line)
+        if m:
+            params[m.group(1)] = (int(m.group(3)), _shape_bytes(m.group(2)) /
+                                  max(_elements(m.group(2)), 1))
+    shapes, view = {}, {}  # view: a bitcast or convert of a parameter -> the parameter
+    for name, shape, opcode, ops, _, _, _ in _instructions(body):
+        shapes[name] = shape
+        if opcode in ("bitcast", "convert") and ops and view.get(ops[0], ops[0]) in params:
+            view[name] = view.get(ops[0], ops[0])
+            continue
+        for i, o in enumerate(view.get(o, o) for o in ops):
+            if o not in params:
+                continue
+            if opcode in ("slice", "dynamic-slice") and i == 0:
+                sliced[o] += _elements(shape) * params[o][1]
+            elif opcode == "dynamic-update-slice" and i == 0 and f"ROOT %{name} " in body:
+                result = _shape_bytes(shapes.get(ops[1], ""))  # written in place: the update
+                sliced[o] += 0
+            else:
+                whole.add(o)
+    total = result
+    for p, (k, _) in params.items():
+        full = operands[k] if k < len(operands) else 0
+        total += min(full, sliced[p]) if p in sliced and p not in whole else full
+    return int(total)
 
 
 def hlo_traffic(hlo: str, top: int) -> dict:
     """The bytes each memory-bound op of the compiled step's entry computation reads and writes
     (operands + result; GEMMs, attention calls, parameters, constants and bitcasts left out),
-    merged over the layers like the profile's sources. Their sum over the HBM bandwidth is the
-    floor under the elementwise, reduction and copy time, whatever the fusions; loop bodies
-    (the chunked loss) are not counted."""
+    merged over the layers like the profile's sources. A fusion that reads an operand only through
+    slices, or updates one in place, counts the slices and the update (``_fusion_bytes``). Their
+    sum over the HBM bandwidth is the floor under the elementwise, reduction and copy time,
+    whatever the fusions; loop bodies (the chunked loss) are not counted."""
+    computations = _computations(hlo)
     entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
     shapes, rows = {}, collections.defaultdict(lambda: [0, 0])
-    for name, shape, opcode, operands, label, target in _instructions(entry):
+    for name, shape, opcode, operands, label, target, calls in _instructions(entry):
         shapes[name] = shape
         if opcode in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element") or \
                 re.search(r"cublas|cudnn|gemm", target) or ("kCustom" in label and "gemm" in name):
             continue
-        moved = _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+        reads = [_shape_bytes(shapes.get(o, "")) for o in operands]
+        if opcode == "fusion" and calls in computations:
+            moved = _fusion_bytes(computations[calls], _shape_bytes(shape), reads)
+        else:
+            moved = _shape_bytes(shape) + sum(reads)
         row = rows[source_key(label)]
         row[0] += moved
         row[1] += 1

@@ -156,6 +156,47 @@ def test_traffic_counts_the_bytes_of_memory_bound_ops_only(tmp_path, capsys):
         profile_step.main(["--traffic", str(tmp_path / "missing")])
 
 
+SLICING_HLO = """\
+HloModule step
+%one_layer (p0: f32[8,64,32]) -> bf16[64,32] {
+  %p0 = f32[8,64,32]{2,1,0} parameter(0)
+  %c = bf16[8,64,32]{2,1,0} convert(%p0)
+  %s = bf16[1,64,32]{2,1,0} slice(%c), slice={[3:4], [0:64], [0:32]}
+  ROOT %b = bf16[64,32]{1,0} bitcast(%s)
+}
+%whole (p0: f32[8,64,32]) -> bf16[8,64,32] {
+  %p0 = f32[8,64,32]{2,1,0} parameter(0)
+  ROOT %c = bf16[8,64,32]{2,1,0} convert(%p0)
+}
+%in_place (p0: bf16[4,1024], p1: bf16[4,16], i: s32[]) -> bf16[4,1024] {
+  %p0 = bf16[4,1024]{1,0} parameter(0)
+  %p1 = bf16[4,16]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %d = bf16[4,1024]{1,0} dynamic-update-slice(%p0, %p1, %z, %i)
+}
+ENTRY %main (w: f32[8,64,32], a: bf16[4,1024], u: bf16[4,16], i: s32[]) -> bf16[64,32] {
+  %w = f32[8,64,32]{2,1,0} parameter(0)
+  %a = bf16[4,1024]{1,0} parameter(1)
+  %u = bf16[4,16]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %layer = bf16[64,32]{1,0} fusion(%w), kind=kLoop, calls=%one_layer, metadata={op_name="jit(step)/layer"}
+  %all = bf16[8,64,32]{2,1,0} fusion(%w), kind=kLoop, calls=%whole, metadata={op_name="jit(step)/all"}
+  ROOT %upd = bf16[4,1024]{1,0} fusion(%a, %u, %i), kind=kLoop, calls=%in_place, metadata={op_name="jit(step)/upd"}
+}
+"""
+
+
+def test_traffic_counts_slices_and_in_place_updates_not_whole_buffers():
+    """A fusion reading one layer of a stacked parameter (through a convert) reads that layer; an
+    in-place dynamic-update-slice writes the update; a fusion using the whole operand reads it."""
+    ops = {o["source"].split("| ")[-1]: o["bytes"]
+           for o in profile_step.hlo_traffic(SLICING_HLO, top=10)["ops"]}
+    assert ops["layer"] == 64 * 32 * 4 + 64 * 32 * 2  # one f32 layer read, bf16 written
+    assert ops["all"] == 8 * 64 * 32 * (4 + 2)
+    assert ops["upd"] == 4 * 16 * 2 * 2 + 4  # the update read and written, and the index
+
+
 def test_profile_ranks_a_torch_trace_by_kernel(tmp_path):
     """torch.profiler's trace: GPU kernels by category, no HLO; CPU ops left out."""
     events = [{**_kernel(0, 30, "nvjet_sm90_tst_256x128", "-"), "cat": "kernel", "pid": 0},
