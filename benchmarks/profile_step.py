@@ -164,7 +164,7 @@ def _fusion_bytes(body: str, result: int, operands: list[int]) -> int:
                 sliced[o] += _elements(shape) * params[o][1]
             elif opcode == "dynamic-update-slice" and i == 0 and f"ROOT %{name} " in body:
                 result = _shape_bytes(shapes.get(ops[1], ""))  # written in place: the update
-                sliced[o] += 0
+                sliced.setdefault(o, 0)  # and the buffer itself not read
             else:
                 whole.add(o)
     total = result

@@ -11,10 +11,11 @@ quantize-dequantize-dot pattern that XLA's GEMM rewriter is documented to fuse w
 We chose current over delayed scaling (amax history, as in ``flax.linen.fp8_ops``):
 no extra state in checkpoints or in the parameter tree, no stale scale after a resume or a loss
 spike, and the amax reduction fuses into the op that produces the tensor. Delayed scaling was
-built and measured (commit ffe2abe: per-GEMM histories, calibration, checkpointed): on base at
-sequence 2048 (H100) it ran 80.5K tokens/s against current scaling's 82.3K, since XLA did not
-fold the cast into the producing ops as hoped, so it was taken out again (BENCHMARKS.md). The forward saves the
-float8 operands for the backward pass, so the activations kept for it are half the bf16 size.
+built and measured (commit ffe2abe: per-GEMM histories, calibration, checkpointed), hoping XLA
+would fold each cast into the op producing its tensor: on base at sequence 2048 (H100) it ran
+80.5K tokens/s against current scaling's 82.3K (not profiled), so it was taken out again
+(BENCHMARKS.md, run 8). The forward saves the float8 operands for the backward pass, so the
+activations kept for it are half the bf16 size.
 """
 
 from __future__ import annotations

@@ -49,23 +49,22 @@ def test_chunked_loss_matches_full(chunk, smoothing):
 
 
 # ---------------------------------------------------------------------------- SWA merge
-def _exact_window(q, k, v, scale, window, return_lse):
-    """What cuDNN's sliding window computes, in float32: (out, lse (B, N, T))."""
-    B, T, N, D = q.shape
-    K = k.shape[2]
-    s = jnp.einsum("BTKGD,BSKD->BKGTS", q.reshape(B, T, K, N // K, D), k) * scale
-    s = jnp.where(visible_mask(T, T, window, 0), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", jnp.exp(s - lse[..., None]), v)
-    out = out.reshape(B, T, N, v.shape[-1])
-    return (out, jax.lax.stop_gradient(lse.reshape(B, N, T))) if return_lse else out
-
-
 def _window_scores(q, k, scale, window):
+    """Scaled scores (B, K, G, T, T) of causal attention over the last ``window`` keys."""
     B, T, N, D = q.shape
     K = k.shape[2]
     s = jnp.einsum("BTKGD,BSKD->BKGTS", q.reshape(B, T, K, N // K, D), k) * scale
     return jnp.where(visible_mask(T, T, window, 0), s, -jnp.inf)
+
+
+def _exact_window(q, k, v, scale, window, return_lse):
+    """What cuDNN's sliding window computes, in float32: (out, lse (B, N, T))."""
+    B, T, N, _ = q.shape
+    s = _window_scores(q, k, scale, window)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("BKGTS,BSKV->BTKGV", jnp.exp(s - lse[..., None]), v)
+    out = out.reshape(B, T, N, v.shape[-1])
+    return (out, jax.lax.stop_gradient(lse.reshape(B, N, T))) if return_lse else out
 
 
 def _exact_window_bwd(q, k, v, out, lse, d_out, scale, window):
