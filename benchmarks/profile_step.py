@@ -53,6 +53,9 @@ CATEGORIES = (  # first match wins; matched against the kernel name and the HLO 
     ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|fprop|bprop|sdpa|dot_product_attention",
                                      re.I)),
     ("Triton template (flex attention, GEMM)", re.compile(r"triton_tem", re.I)),
+    # Inductor names a kernel by kind first, then by every op it fuses ("_to_copy" included)
+    ("reduction", re.compile(r"^triton_(red|per)_")),
+    ("elementwise fusion", re.compile(r"^triton_poi_")),
     ("GEMM", re.compile(r"gemm|cublas|xmma|nvjet|matmul|cutlass|\bdot\b|triton_gemm", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset|dynamic-update-slice", re.I)),
     ("reduction", re.compile(r"reduce|input_fusion|triton_red|triton_per", re.I)),

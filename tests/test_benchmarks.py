@@ -201,7 +201,9 @@ def test_profile_ranks_a_torch_trace_by_kernel(tmp_path):
     """torch.profiler's trace: GPU kernels by category, no HLO; CPU ops left out."""
     events = [{**_kernel(0, 30, "nvjet_sm90_tst_256x128", "-"), "cat": "kernel", "pid": 0},
               {**_kernel(30, 10, "triton_poi_fused_add_mul_0", "-"), "cat": "kernel", "pid": 0},
-              {**_kernel(40, 6, "triton_red_fused_pow_sum_1", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(40, 4, "triton_red_fused_pow_sum_1", "-"), "cat": "kernel", "pid": 0},
+              {**_kernel(44, 2, "triton_per_fused__to_copy_add_mean_2", "-"), "cat": "kernel",
+               "pid": 0},  # a reduction whose fused ops include a dtype copy
               {**_kernel(46, 20, "triton_tem_fused_2", "-"), "cat": "kernel", "pid": 0},
               {**_kernel(66, 2, "Memset (Device)", "-"), "cat": "gpu_memset", "pid": 0},
               {**_kernel(0, 500, "aten::mm", "-"), "cat": "cpu_op", "pid": 0}]
