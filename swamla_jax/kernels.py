@@ -50,6 +50,12 @@ def _cudnn_window_bwd(q, k, v, out, lse, d_out, scale, window):
     """cuDNN's causal sliding-window attention backward with the saved statistics given:
     (dq, dk, dv) for ``P = exp(scale * q.k - lse)`` and the row term ``D = sum(d_out * out)``."""
     cudnn = _cudnn()
+    if not hasattr(cudnn, "_dot_product_attention_bwd_rule"):
+        raise RuntimeError(
+            f"this JAX ({jax.__version__}) has no cuDNN attention backward rule to call with given "
+            "statistics (jax._src.cudnn.fused_attention_stablehlo._dot_product_attention_bwd_rule, "
+            "present in JAX 0.10 and 0.11): pin jax to a version this project supports, or use "
+            "attention_impl='reference'")
     unused = jnp.zeros(0, q.dtype)
     # The residuals of cuDNN's forward rule, in its order: q, k, v, bias, q/kv seqlens, q/kv
     # offsets, k/v page tables, the softmax statistics (LSE, (B, N, T) float32), the output.

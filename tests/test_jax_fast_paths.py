@@ -117,6 +117,17 @@ def test_swa_sink_merge_and_its_split_gradient(monkeypatch, window, sink, kv_hea
         assert rel(a, b) < 1e-5, name
 
 
+def test_a_jax_without_the_cudnn_backward_rule_gets_a_clear_error(monkeypatch):
+    """The split backward calls a private JAX function; a JAX without it says so and what to do."""
+    class NoRule:
+        pass
+
+    monkeypatch.setattr(kernels, "_cudnn", lambda: NoRule())
+    q = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
+    with pytest.raises(RuntimeError, match="attention_impl='reference'"):
+        kernels._cudnn_window_bwd(q, q, q, q, jnp.zeros((1, 2, 16)), q, 0.3, 4)
+
+
 def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
     """What the backward pass keeps is bf16 (q, k, v, the merged output) and the (B, N, T) LSE:
     a float32 (B, T, N, D) residual would be two bf16 copies per layer."""
