@@ -146,8 +146,9 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
         return loss
 
     try:
-        yield types.SimpleNamespace(step=step, sync=torch.cuda.synchronize if cuda else (lambda: None),
-                                    cuda=cuda, env=env, cfg=cfg, par=par, impl=impl)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        yield types.SimpleNamespace(step=step, sync=sync, cuda=cuda, env=env, cfg=cfg, par=par,
+                                    impl=impl)
     finally:
         distributed.teardown(env)
 

@@ -208,8 +208,9 @@ def hlo_traffic(hlo: str, top: int) -> dict:
 
 
 def traffic_markdown(t: dict) -> str:
-    lines = [f"Memory-bound ops of the compiled step (entry computation): {t['bytes'] / 1e9:.1f} GB "
-             f"read and written, {t['ms_at_hbm']:.1f} ms at {HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
+    lines = [f"Memory-bound ops of the compiled step (entry computation): "
+             f"{t['bytes'] / 1e9:.1f} GB read and written, {t['ms_at_hbm']:.1f} ms at "
+             f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
              "| source op (shape, kind, JAX source) | MB | ms at HBM speed | HLO ops |",
              "|---|---|---|---|"]
     lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['bytes'] / 1e6:.0f} | "
@@ -294,7 +295,8 @@ def markdown(case: str, step_ms: float, s: dict) -> str:
              "| category | ms/step | share |", "|---|---|---|"]
     lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |"
               for c in s["categories"]]
-    lines += ["", "Layers merged: one row per source op and shape, summed over the layers' copies.", "",
+    lines += ["", "Layers merged: one row per source op and shape, summed over the layers' copies.",
+              "",
               "| source op (shape, kind, JAX source) | ms/step | share | HLO ops | category |",
               "|---|---|---|---|---|"]
     lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['ms_per_step']:.2f} | "

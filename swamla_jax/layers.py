@@ -92,14 +92,12 @@ def fused_projections(x, params, dtype, dot_general=None):
     weights, small next to the activations. Needs the kernels' output axes unsharded (no tensor
     parallelism): concatenating sharded columns would interleave the shards.
     """
-    sizes = [w.shape[1] for w, _ in params]
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=1)
     dot = dot_general or lax.dot_general
     y = dot(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    if any(b is not None for _, b in params):
-        y = y + jnp.concatenate([(jnp.zeros((n,), dtype) if b is None else b.astype(dtype))
-                                 for (_, b), n in zip(params, sizes, strict=True)])
-    splits = list(np.cumsum(sizes)[:-1])
+    if params[0][1] is not None:  # the projections of a block all have biases or none (cfg.bias)
+        y = y + jnp.concatenate([b.astype(dtype) for _, b in params])
+    splits = list(np.cumsum([w.shape[1] for w, _ in params])[:-1])
     return jnp.split(y, splits, axis=-1)
 
 
