@@ -3,11 +3,12 @@
     python benchmarks/bench_passes.py [--preset base] [--batch 8] [--seq 2048] [--out passes.json]
 
 A step's profile (``profile_step.py``) says how long each fused pass takes inside the step and
-``--traffic`` what its bytes allow; this script times the passes of one layer in isolation, in
-the form the model uses (``swamla_jax.layers``) and in the alternative forms kept here for
-comparison, at the preset's shapes, and prints the bandwidth each reaches against the bytes it
-must move (inputs read once, outputs written once). A form only earns its place in the model by
-winning here and then in ``bench_train.py``'s step.
+``--traffic`` what its bytes allow; this script times one layer's passes in isolation, in the
+form the model uses (``swamla_jax.layers``) and in candidate forms kept here, at the preset's
+shapes, and prints the bandwidth each reaches against the bytes it must move (inputs read once,
+outputs written once). A candidate earns its place in the model only by then winning the whole
+step in ``bench_train.py``: inside the step XLA fuses these passes with their neighbours, and a
+pass that wins alone can lose there (BENCHMARKS.md, run 10).
 """
 
 from __future__ import annotations
@@ -23,49 +24,103 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
+from jax import lax  # noqa: E402
 
 from swamla.config import load_preset  # noqa: E402
 from swamla_jax import layers  # noqa: E402
 
-f32, bf16 = jnp.float32, jnp.bfloat16
+f32, bf16, u32 = jnp.float32, jnp.bfloat16, jnp.uint32
 
 
-# --- SwiGLU on the fused (..., 2, F) = (up, gate) projection -----------------------------------
+# --- SwiGLU candidates on the fused (..., 2, F) = (up, gate) projection -------------------------
 
-@jax.checkpoint
-def _swiglu_autodiff_bf16(gate_up):
-    """The form before this script: silu on the bf16 gate, the backward left to autodiff."""
-    return nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
+def _swiglu_f32(gate_up):
+    up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
+    return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
+
+
+def _swiglu_grads(up, gate, d):
+    """(d up, d gate) in float32; silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)."""
+    sig = jax.nn.sigmoid(gate)
+    return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
+
+
+def _with_backward(bwd):
+    fn = jax.custom_vjp(_swiglu_f32)
+    fn.defvjp(lambda g: (_swiglu_f32(g), g), bwd)
+    return fn
+
+
+def _bwd_stacked(gate_up, d_out):
+    """The two halves' gradients computed apart and stacked."""
+    up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
+    grads = _swiglu_grads(up, gate, d_out.astype(f32))
+    return (jnp.stack(grads, axis=-2).astype(gate_up.dtype),)
+
+
+def _bwd_select(gate_up, d_out, barrier=False):
+    """Each element picks its half from one broadcast expression. In a step the barrier is
+    needed: without it XLA merged the backward's float32 casts with the forward's and kept a
+    float32 copy of the gate from forward to backward (+0.4 GB a layer on base)."""
+    if barrier:
+        gate_up = lax.optimization_barrier(gate_up)
+    up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
+    d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
+    return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
+
+
+SWIGLU = (("model (layers._swiglu: autodiff, bf16 silu)", layers._swiglu),
+          ("custom vjp, halves stacked", _with_backward(_bwd_stacked)),
+          ("custom vjp, select", _with_backward(_bwd_select)),
+          ("custom vjp, select after a barrier", _with_backward(
+              lambda g, d: _bwd_select(g, d, barrier=True))))
+
+
+# --- RoPE candidates on interleaved pairs -------------------------------------------------------
+
+def _rope_swapped(x, cos, sin):
+    """``x * cos + swap(x) * sin``: cos repeated per pair, sin signed (-, +), swap exchanging
+    the two of each pair."""
+    xf = x.astype(f32)
+    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    cos2 = jnp.repeat(cos, 2, axis=-1)[:, None, :]
+    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(sin.shape[0], 1, -1)
+    return (xf * cos2 + swapped * sin2).astype(x.dtype)
 
 
 @jax.custom_vjp
-def _swiglu_stack(gate_up):
-    return layers._swiglu(gate_up)
-
-
-def _swiglu_stack_bwd(gate_up, d_out):
-    """The model's backward with the two halves computed apart and stacked."""
-    up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
-    sig, d = jax.nn.sigmoid(gate), d_out.astype(f32)
-    grad = jnp.stack((d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))), axis=-2)
-    return (grad.astype(gate_up.dtype),)
-
-
-_swiglu_stack.defvjp(lambda g: (layers._swiglu(g), g), _swiglu_stack_bwd)
-
-
-def _rope_autodiff_stack(x, cos, sin):
-    """The form before this script: pairs split, rotated and stacked back."""
-    xf = x.astype(f32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
+def _rope_words(x, cos, sin):
+    """bf16 pairs read and written as one 32-bit word each: a bf16 is the top half of the
+    float32 of the same value, so each half becomes a float32 by a shift or a mask, and the
+    rotated halves, rounded as ``astype`` rounds, are packed back. The model's numbers exactly
+    (bf16 inputs only)."""
+    words = lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), u32)
+    x0 = lax.bitcast_convert_type(words << 16, f32)  # element 2p: the low half (little-endian)
+    x1 = lax.bitcast_convert_type(words & u32(0xFFFF0000), f32)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    out = jnp.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+
+    def bits(y):
+        return lax.bitcast_convert_type(y.astype(bf16), jnp.uint16).astype(u32)
+
+    out = bits(x0 * sin + x1 * cos) << 16 | bits(x0 * cos - x1 * sin)
+    return lax.bitcast_convert_type(out, bf16).reshape(x.shape)
+
+
+def _rope_words_bwd(tables, dy):
+    cos, sin = tables  # a rotation's transpose is the rotation by the opposite angle
+    return _rope_words(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rope_words.defvjp(lambda x, cos, sin: (_rope_words(x, cos, sin), (cos, sin)), _rope_words_bwd)
+
+ROPE = (("model (layers.apply_rope: pairs split and stacked)", layers.apply_rope),
+        ("swapped pairs, elementwise", _rope_swapped),
+        ("packed 32-bit pairs", _rope_words))
 
 
 def _time(fn, *args, iters: int) -> float:
-    """Median seconds per call of a jitted ``fn`` over ``iters`` calls, after compiling."""
+    """Median over 5 rounds of the seconds per call of a jitted ``fn``, after compiling."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(5):
@@ -78,16 +133,12 @@ def _time(fn, *args, iters: int) -> float:
 
 
 def swiglu_cases(B, T, F):
-    key = jax.random.PRNGKey(0)
-    gu = jax.random.normal(key, (B, T, 2, F), bf16)
+    gu = jax.random.normal(jax.random.PRNGKey(0), (B, T, 2, F), bf16)
     dh = jax.random.normal(jax.random.PRNGKey(1), (B, T, F), bf16)
     n = B * T * F
-    for name, fn in (("autodiff, bf16 silu (before)", _swiglu_autodiff_bf16),
-                     ("custom vjp, halves stacked", _swiglu_stack),
-                     ("model (layers._swiglu)", layers._swiglu)):
-        fwd = jax.jit(fn)
+    for name, fn in SWIGLU:
+        yield f"swiglu fwd: {name}", jax.jit(fn), (gu,), 3 * 2 * n
         bwd = jax.jit(lambda g, d, fn=fn: jax.vjp(fn, g)[1](d)[0])
-        yield f"swiglu fwd: {name}", fwd, (gu,), 3 * 2 * n
         yield f"swiglu bwd: {name}", bwd, (gu, dh), 5 * 2 * n
 
 
@@ -96,12 +147,9 @@ def rope_cases(B, T, H, D):
     dy = jax.random.normal(jax.random.PRNGKey(3), (B, T, H, D), bf16)
     cos, sin = layers.rope_tables(D, jnp.arange(T), 10000.0, 1.0)
     n = B * T * H * D
-    for name, fn in (("autodiff, stacked pairs (before)", _rope_autodiff_stack),
-                     ("swapped pairs, elementwise", layers._rotate_pairs),
-                     ("model (layers.apply_rope)", layers.apply_rope)):
-        fwd = jax.jit(fn)
+    for name, fn in ROPE:
+        yield f"rope fwd: {name}", jax.jit(fn), (x, cos, sin), 2 * 2 * n
         bwd = jax.jit(lambda x, c, s, d, fn=fn: jax.vjp(lambda x: fn(x, c, s), x)[1](d)[0])
-        yield f"rope fwd: {name}", fwd, (x, cos, sin), 2 * 2 * n
         yield f"rope bwd: {name}", bwd, (x, cos, sin, dy), 2 * 2 * n
 
 
@@ -115,19 +163,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = load_preset(args.preset)
     B, T = args.batch, args.seq
+    device = jax.devices()[0].device_kind
     rows = []
-    cases = [*swiglu_cases(B, T, cfg.mlp_hidden),
-             *rope_cases(B, T, cfg.n_head, cfg.head_dim)]
-    print(f"{jax.devices()[0].device_kind}, {args.preset}: batch {B}, sequence {T}")
+    print(f"{device}, {args.preset}: batch {B}, sequence {T}")
     print("| pass | ms | GB moved | GB/s |\n|---|---|---|---|")
-    for name, fn, fargs, nbytes in cases:
+    for name, fn, fargs, nbytes in (*swiglu_cases(B, T, cfg.mlp_hidden),
+                                    *rope_cases(B, T, cfg.n_head, cfg.head_dim)):
         s = _time(fn, *fargs, iters=args.iters)
         rows.append(dict(name=name, ms=s * 1e3, bytes=nbytes, gbps=nbytes / s / 1e9))
         print(f"| {name} | {s * 1e3:.3f} | {nbytes / 1e9:.3f} | {nbytes / s / 1e9:.0f} |",
               flush=True)
-    Path(args.out).write_text(json.dumps(dict(device=jax.devices()[0].device_kind,
-                                              preset=args.preset, batch=B, seq=T, rows=rows),
-                                         indent=1))
+    Path(args.out).write_text(json.dumps(dict(device=device, preset=args.preset, batch=B, seq=T,
+                                              rows=rows), indent=1))
 
 
 if __name__ == "__main__":

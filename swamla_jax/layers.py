@@ -122,7 +122,7 @@ class Embed(nn.Module):
                           preferred_element_type=f32)
 
 
-# The norms compute in float32 but are cheap to redo: under
+# The norms and the SwiGLU activation compute in float32 but are cheap to redo: under
 # jax.checkpoint the backward pass recomputes them from their (compute-dtype) inputs, which are
 # kept anyway, instead of keeping float32 intermediates. This halves activation memory at no
 # measurable cost (a remat of elementwise ops only, not of matmuls).
@@ -145,35 +145,11 @@ def _dyt(x, alpha, w, b, dtype):
     return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(dtype)
 
 
-@jax.custom_vjp
+@jax.checkpoint
 def _swiglu(gate_up):
-    """silu(gate) * up in float32 from the fused projection (..., 2, F) = (up, gate), cast back
-    to its dtype. Only ``gate_up``, kept anyway as the GEMM's output, is saved for the backward,
-    which writes the gradient of the whole fused tensor in one elementwise pass."""
-    up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
-    return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
-
-
-def _swiglu_fwd(gate_up):
-    return _swiglu(gate_up), gate_up
-
-
-def _swiglu_bwd(gate_up, d_out):
-    # The barrier keeps XLA from merging the float32 casts below with the forward's: merged,
-    # a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
-    gate_up = lax.optimization_barrier(gate_up)
-    up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    sig, d = jax.nn.sigmoid(gate), d_out[..., None, :].astype(f32)
-    # Each element picks its half from one broadcast expression. Stacking the two halves, or
-    # autodiff's sum of two zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8
-    # (H100, benchmarks/bench_passes.py).
-    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
-    grad = jnp.where(is_up, d * gate * sig,
-                     d * up * sig * (1.0 + gate * (1.0 - sig)))  # silu'(g) = s (1 + g (1 - s))
-    return (grad.astype(gate_up.dtype),)
-
-
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+    """silu(gate) * up from the fused projection (..., 2, F) = (up, gate): one function, so the
+    backward pass writes the gradient of the fused tensor in one pass."""
+    return nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
 
 
 class RMSNorm(nn.Module):
@@ -239,48 +215,11 @@ def rope_tables(dim: int, positions: jax.Array, theta: float, factor: float):
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate interleaved pairs ``(x[2p], x[2p+1])`` of x (B, T, H, D) in float32 (SPEC 3)."""
-    if x.dtype == jnp.bfloat16:
-        return _rope_bf16(x, cos, sin)
-    return _rotate_pairs(x, cos, sin)
-
-
-def _rotate_pairs(x, cos, sin):
-    """``x * cos + swap(x) * sin`` in float32, cos repeated per pair, sin signed (-, +) and
-    swap exchanging the two of each pair."""
-    xf = x.astype(f32)
-    swapped = xf.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
-    cos2 = jnp.repeat(cos, 2, axis=-1)[:, None, :]  # (T, 1, D)
-    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(sin.shape[0], 1, -1)
-    return (xf * cos2 + swapped * sin2).astype(x.dtype)
-
-
-@jax.custom_vjp
-def _rope_bf16(x, cos, sin):
-    """The rotation of bf16 pairs read and written as one 32-bit word each: a bf16 is the top
-    half of the float32 of the same value, so each half of the word becomes a float32 by a shift
-    or a mask, and the rotated halves, rounded to bf16 as ``astype`` rounds, are packed back.
-    Same numbers as `_rotate_pairs`; the split, swapped or stacked forms index single bf16
-    elements and ran at 0.6-1.2 TB/s (H100, benchmarks/bench_passes.py)."""
-    u32 = jnp.uint32
-    words = lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), u32)  # (B, T, H, P)
-    x0 = lax.bitcast_convert_type(words << 16, f32)  # element 2p: the low half (little-endian)
-    x1 = lax.bitcast_convert_type(words & u32(0xFFFF0000), f32)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-
-    def bits(y):
-        return lax.bitcast_convert_type(y.astype(jnp.bfloat16), jnp.uint16).astype(u32)
-
-    out = bits(x0 * sin + x1 * cos) << 16 | bits(x0 * cos - x1 * sin)
-    return lax.bitcast_convert_type(out, jnp.bfloat16).reshape(x.shape)
-
-
-def _rope_bf16_bwd(tables, dy):
-    """A rotation's transpose is the rotation by the opposite angle."""
-    cos, sin = tables
-    return _rope_bf16(dy, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
-
-
-_rope_bf16.defvjp(lambda x, cos, sin: (_rope_bf16(x, cos, sin), (cos, sin)), _rope_bf16_bwd)
+    xf = x.astype(f32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, P)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, P)
+    out = jnp.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def logit_scale(cfg: ModelConfig, positions: jax.Array) -> jax.Array:

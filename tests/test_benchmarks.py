@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_passes  # noqa: E402
 import bench_train  # noqa: E402
 import profile_step  # noqa: E402
 
@@ -79,6 +80,51 @@ def _profile(out, events, step_ms=0.0, steps=1, device="GPU"):
         f.write(HLO)
     table = profile_step.write_report(out, "jax:tiny:64:bf16", step_ms, steps, 10, device)
     return table, json.loads((out / "profile.json").read_text())
+
+
+def test_pass_candidates_compute_the_models_function():
+    """A candidate that computed something else could only look fast: each must give the model
+    form's outputs and input gradients (float32 to rounding; the packed RoPE, bf16 only, to the
+    bit)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def value_and_grad(fn, x, dy):
+        y, vjp = jax.vjp(fn, x)
+        return np.asarray(y, np.float32), np.asarray(vjp(dy)[0], np.float32)
+
+    key = jax.random.split(jax.random.PRNGKey(0), 4)
+    gu = 3 * jax.random.normal(key[0], (2, 5, 2, 8))
+    dh = jax.random.normal(key[1], (2, 5, 8))
+    want = value_and_grad(bench_passes.SWIGLU[0][1], gu, dh)
+    for name, fn in bench_passes.SWIGLU[1:]:
+        for got, ref in zip(value_and_grad(fn, gu, dh), want):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    x = 4 * jax.random.normal(key[2], (2, 6, 3, 8))
+    dy = jax.random.normal(key[3], x.shape)
+    cos, sin = bench_passes.layers.rope_tables(8, jnp.arange(6), 1e4, 1.0)
+    model = bench_passes.ROPE[0][1]
+    for name, fn in bench_passes.ROPE[1:]:
+        dtype = jnp.bfloat16 if name.startswith("packed") else jnp.float32
+        xs, dys = x.astype(dtype), dy.astype(dtype)
+        got = value_and_grad(lambda v: fn(v, cos, sin), xs, dys)
+        ref = value_and_grad(lambda v: model(v, cos, sin), xs, dys)
+        for g, r in zip(got, ref):
+            if dtype == jnp.bfloat16:
+                np.testing.assert_array_equal(g, r, err_msg=name)
+            else:
+                np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_the_pass_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "passes.json"
+    bench_passes.main(["--preset", "tiny", "--batch", "1", "--seq", "32", "--iters", "1",
+                       "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * (len(bench_passes.SWIGLU) + len(bench_passes.ROPE))
+    assert all(r["ms"] > 0 and r["bytes"] > 0 for r in rows)
 
 
 def test_profile_ranks_kernels_by_op_and_category(tmp_path):
