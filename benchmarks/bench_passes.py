@@ -8,7 +8,8 @@ form the model uses (``swamla_jax.layers``) and in candidate forms kept here, at
 shapes, and prints the bandwidth each reaches against the bytes it must move (inputs read once,
 outputs written once). A candidate earns its place in the model only by then winning the whole
 step in ``bench_train.py``: inside the step XLA fuses these passes with their neighbours, and a
-pass that wins alone can lose there (BENCHMARKS.md, run 10).
+pass that wins alone can lose there (BENCHMARKS.md, run 10). Each call is dispatched from Python, so
+a pass shorter than ~0.1 ms (RoPE at base's shapes) can measure the dispatch, not the kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ f32, bf16, u32 = jnp.float32, jnp.bfloat16, jnp.uint32
 
 # --- SwiGLU candidates on the fused (..., 2, F) = (up, gate) projection -------------------------
 
+@jax.checkpoint
+def _swiglu_autodiff(gate_up):
+    """The model's form up to c321e44: silu on the bf16 gate, remat, autodiff's
+    backward (each half's gradient zero-padded to the full tensor, the two added)."""
+    return jax.nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
+
+
 def _swiglu_f32(gate_up):
     up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
     return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
@@ -58,23 +66,19 @@ def _bwd_stacked(gate_up, d_out):
     return (jnp.stack(grads, axis=-2).astype(gate_up.dtype),)
 
 
-def _bwd_select(gate_up, d_out, barrier=False):
-    """Each element picks its half from one broadcast expression. In a step the barrier is
-    needed: without it XLA merged the backward's float32 casts with the forward's and kept a
-    float32 copy of the gate from forward to backward (+0.4 GB a layer on base)."""
-    if barrier:
-        gate_up = lax.optimization_barrier(gate_up)
+def _bwd_select(gate_up, d_out):
+    """The model's backward without its barrier (alone it runs as fast; in a step XLA merged its
+    float32 casts with the forward's and kept a float32 gate alive in between)."""
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
     d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
     return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
 
 
-SWIGLU = (("model (layers._swiglu: autodiff, bf16 silu)", layers._swiglu),
+SWIGLU = (("model (layers._swiglu: select after a barrier)", layers._swiglu),
+          ("autodiff, bf16 silu", _swiglu_autodiff),
           ("custom vjp, halves stacked", _with_backward(_bwd_stacked)),
-          ("custom vjp, select", _with_backward(_bwd_select)),
-          ("custom vjp, select after a barrier", _with_backward(
-              lambda g, d: _bwd_select(g, d, barrier=True))))
+          ("custom vjp, select, no barrier", _with_backward(_bwd_select)))
 
 
 # --- RoPE candidates on interleaved pairs -------------------------------------------------------
