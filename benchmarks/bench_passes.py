@@ -42,27 +42,18 @@ def _swiglu_autodiff(gate_up):
     return jax.nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
 
 
-def _swiglu_f32(gate_up):
-    up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
-    return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
-
-
-def _swiglu_grads(up, gate, d):
-    """(d up, d gate) in float32; silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)."""
-    sig = jax.nn.sigmoid(gate)
-    return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
-
-
 def _with_backward(bwd):
-    fn = jax.custom_vjp(_swiglu_f32)
-    fn.defvjp(lambda g: (_swiglu_f32(g), g), bwd)
+    """The model's SwiGLU forward with another backward."""
+    forward = layers._swiglu.fun
+    fn = jax.custom_vjp(forward)
+    fn.defvjp(lambda g: (forward(g), g), bwd)
     return fn
 
 
 def _bwd_stacked(gate_up, d_out):
     """The two halves' gradients computed apart and stacked."""
     up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
-    grads = _swiglu_grads(up, gate, d_out.astype(f32))
+    grads = layers._swiglu_grads(up, gate, d_out.astype(f32))
     return (jnp.stack(grads, axis=-2).astype(gate_up.dtype),)
 
 
@@ -70,7 +61,7 @@ def _bwd_select(gate_up, d_out):
     """The model's backward without its barrier (alone it runs as fast; in a step XLA merged its
     float32 casts with the forward's and kept a float32 gate alive in between)."""
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    d_up, d_gate = layers._swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
     return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
 

@@ -158,19 +158,23 @@ def _swiglu_fwd(gate_up):
     return _swiglu(gate_up), gate_up
 
 
+def _swiglu_grads(up, gate, d):
+    """(d up, d gate) in float32; silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)."""
+    sig = jax.nn.sigmoid(gate)
+    return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
+
+
 def _swiglu_bwd(gate_up, d_out):
     # The barrier keeps XLA from merging the float32 casts below with the forward's: merged,
     # a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
     gate_up = lax.optimization_barrier(gate_up)
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    sig, d = jax.nn.sigmoid(gate), d_out[..., None, :].astype(f32)
+    d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
     # Each element picks its half from one broadcast expression. Stacking the two halves, or
     # autodiff's sum of two zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8
     # (H100, benchmarks/bench_passes.py); the step gained 1% (BENCHMARKS.md, run 10).
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
-    grad = jnp.where(is_up, d * gate * sig,
-                     d * up * sig * (1.0 + gate * (1.0 - sig)))  # silu'(g) = s (1 + g (1 - s))
-    return (grad.astype(gate_up.dtype),)
+    return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
