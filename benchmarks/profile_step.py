@@ -23,10 +23,13 @@ ranked by kernel: Inductor names its Triton kernels after the ops they fuse
 
     python benchmarks/profile_step.py --summarize prof/   # re-rank a saved trace, no GPU needed
     python benchmarks/profile_step.py --traffic prof/     # bytes moved by memory-bound ops
+    python benchmarks/profile_step.py --gaps prof/        # measured time against those bytes
 
 ``traffic.md`` (also written by a profile run) ranks the memory-bound ops of the compiled step by
 the bytes they read and write: with the HBM bandwidth, a floor under their time to compare
-with what the trace measured.
+with what the trace measured. ``gaps.md`` (also written by a profile run) makes that comparison
+per source op: the measured time, the floor, and the time above it, ranked by the last, i.e.
+the passes that run furthest below the bandwidth their bytes allow.
 """
 
 from __future__ import annotations
@@ -177,13 +180,14 @@ def _fusion_bytes(body: str, result: int, operands: list[int]) -> int:
     return int(total)
 
 
-def hlo_traffic(hlo: str, top: int) -> dict:
+def hlo_traffic(hlo: str, top: int | None) -> dict:
     """The bytes each memory-bound op of the compiled step's entry computation reads and writes
     (operands + result; GEMMs, attention calls, parameters, constants and bitcasts left out),
     merged over the layers like the profile's sources. A fusion that reads an operand only through
     slices, or updates one in place, counts the slices and the update (``_fusion_bytes``). Their
     sum over the HBM bandwidth is the floor under the elementwise, reduction and copy time,
-    whatever the fusions; loop bodies (the chunked loss) are not counted."""
+    whatever the fusions. Only the entry computation is counted: not loop bodies (the chunked
+    loss) nor a conditional's branches (the optimizer update, behind the bad-step guard)."""
     computations = _computations(hlo)
     entry = hlo[hlo.index("\nENTRY"):] if "\nENTRY" in hlo else hlo
     shapes, rows = {}, collections.defaultdict(lambda: [0, 0])
@@ -215,6 +219,37 @@ def traffic_markdown(t: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['bytes'] / 1e6:.0f} | "
               f"{o['ms_at_hbm']:.2f} | {o['ops']} |" for o in t["ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def traffic_gaps(profile: dict, traffic: dict) -> dict:
+    """The profile's source ops that the traffic count also holds (memory-bound ones), each with
+    its measured time, its byte floor and the time above that floor, ranked by the latter. Only
+    the profile's ``--top`` sources were kept in profile.json, so smaller ops are not matched."""
+    floors = {o["source"]: o for o in traffic["ops"]}
+    rows = []
+    for src in profile["sources"]:
+        floor = floors.get(src["source"])
+        if floor is None:
+            continue
+        ms = src["ms_per_step"]
+        rows.append(dict(source=src["source"], ms_per_step=ms, floor_ms=floor["ms_at_hbm"],
+                         above_floor_ms=ms - floor["ms_at_hbm"], ops=floor["ops"],
+                         gb_per_s=floor["bytes"] / (ms / 1e3) / 1e9 if ms else 0.0))
+    rows.sort(key=lambda r: -r["above_floor_ms"])
+    return dict(ms_per_step=sum(r["ms_per_step"] for r in rows),
+                floor_ms=sum(r["floor_ms"] for r in rows), rows=rows)
+
+
+def gaps_markdown(g: dict) -> str:
+    lines = [f"Memory-bound source ops found in both the profile and the traffic count: "
+             f"{len(g['rows'])}, {g['ms_per_step']:.1f} ms measured against a "
+             f"{g['floor_ms']:.1f} ms floor at {HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
+             "| source op (shape, kind, JAX source) | ms/step | floor ms | above floor | GB/s | "
+             "HLO ops |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['source'].replace('|', '/')[:170]} | {r['ms_per_step']:.2f} | "
+              f"{r['floor_ms']:.2f} | {r['above_floor_ms']:.2f} | {r['gb_per_s']:.0f} | "
+              f"{r['ops']} |" for r in g["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -313,10 +348,11 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     """Rank ``out/trace.json.gz`` against ``out/hlo.txt.gz``; write profile.json and profile.md."""
     with gzip.open(out / "trace.json.gz", "rt") as f:
         trace = json.load(f)
-    hlo = {}  # a torch trace has none: its kernels are named after what they fuse
+    hlo_text = ""  # a torch trace has no HLO: its kernels are named after what they fuse
     if (out / "hlo.txt.gz").is_file():
         with gzip.open(out / "hlo.txt.gz", "rt") as f:
-            hlo = hlo_index(f.read())
+            hlo_text = f.read()
+    hlo = hlo_index(hlo_text)
     events = device_events(trace)
     if not events:
         raise SystemExit(f"the trace in {out} holds no GPU kernels: profile on a GPU")
@@ -325,6 +361,9 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     (out / "profile.json").write_text(json.dumps(summary, indent=2))
     table = markdown(case, step_ms, summary)
     (out / "profile.md").write_text(table)
+    if hlo_text:
+        gaps = traffic_gaps(summary, hlo_traffic(hlo_text, top=None))
+        (out / "gaps.md").write_text(gaps_markdown(gaps))
     return table
 
 
@@ -363,6 +402,8 @@ def main(argv=None):
                    "profile) instead of running a case; --case and --steps describe it")
     p.add_argument("--traffic", metavar="DIR", help="from DIR/hlo.txt.gz alone: the bytes the "
                    "step's memory-bound ops move, ranked (no trace or GPU needed)")
+    p.add_argument("--gaps", metavar="DIR", help="from DIR/profile.json and DIR/hlo.txt.gz (a "
+                   "saved profile): each memory-bound op's measured time against its byte floor")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="steps traced")
     p.add_argument("--remat", default="none")
@@ -377,6 +418,19 @@ def main(argv=None):
         with gzip.open(Path(args.traffic) / "hlo.txt.gz", "rt") as f:
             table = traffic_markdown(hlo_traffic(f.read(), args.top))
         (Path(args.traffic) / "traffic.md").write_text(table)
+        print(table)
+        return
+    if args.gaps:
+        out = Path(args.gaps)
+        missing = [n for n in ("profile.json", "hlo.txt.gz") if not (out / n).is_file()]
+        if missing:
+            raise SystemExit(f"--gaps reads {' and '.join(missing)} in {out}, not there: point "
+                             "it at a folder a JAX profile run wrote (--out)")
+        with gzip.open(out / "hlo.txt.gz", "rt") as f:
+            traffic = hlo_traffic(f.read(), top=None)
+        table = gaps_markdown(traffic_gaps(json.loads((out / "profile.json").read_text()),
+                                           traffic))
+        (out / "gaps.md").write_text(table)
         print(table)
         return
     if args.summarize:

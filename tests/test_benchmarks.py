@@ -233,6 +233,43 @@ ENTRY %main (w: f32[8,64,32], a: bf16[4,1024], u: bf16[4,16], i: s32[]) -> bf16[
 """
 
 
+def test_gaps_set_each_memory_bound_op_against_its_byte_floor(tmp_path, capsys):
+    """The add fusions (two layers, one source row) ran 40 us for 98 KB; the norm 1 us: the adds
+    come first, by the time above their floor; the GEMM, not memory-bound, is not a row."""
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    events = [_kernel(0, 50, "nvjet_sm90_tst", "gemm.1"),
+              _kernel(60, 20, "loop_add_fusion", "add_fusion.0"),
+              _kernel(90, 20, "loop_add_fusion", "add_fusion.1"),
+              _kernel(120, 1, "input_reduce_fusion", "norm")]
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    with gzip.open(tmp_path / "hlo.txt.gz", "wt") as f:
+        f.write(TRAFFIC_HLO)
+    profile_step.write_report(tmp_path, "jax:tiny:64:bf16", 0.0, 1, 10, "GPU")
+    written = (tmp_path / "gaps.md").read_text()
+    profile_step.main(["--gaps", str(tmp_path)])
+    assert capsys.readouterr().out.rstrip("\n") + "\n" == written
+
+    g = profile_step.traffic_gaps(json.loads((tmp_path / "profile.json").read_text()),
+                                  profile_step.hlo_traffic(TRAFFIC_HLO, top=None))
+    adds, norm = g["rows"]
+    act = 8 * 1024 * 2
+    floor = 2 * 3 * act / profile_step.HBM_BYTES_PER_S * 1e3
+    assert "block_*/add" in adds["source"] and adds["ops"] == 2
+    assert adds["ms_per_step"] == pytest.approx(0.040)
+    assert adds["floor_ms"] == pytest.approx(floor)
+    assert adds["above_floor_ms"] == pytest.approx(0.040 - floor)
+    assert adds["gb_per_s"] == pytest.approx(2 * 3 * act / 40e-6 / 1e9)
+    assert "ln_f/reduce_sum" in norm["source"]
+    assert g["ms_per_step"] == pytest.approx(0.041)
+    assert "| above floor |" in written
+
+
+def test_gaps_need_a_saved_jax_profile(tmp_path):
+    with pytest.raises(SystemExit, match="profile.json and hlo.txt.gz"):
+        profile_step.main(["--gaps", str(tmp_path)])
+
+
 def test_traffic_counts_slices_and_in_place_updates_not_whole_buffers():
     """A fusion reading one layer of a stacked parameter (through a convert) reads that layer; an
     in-place dynamic-update-slice writes the update; a fusion using the whole operand reads it."""
