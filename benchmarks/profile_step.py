@@ -211,14 +211,14 @@ def hlo_traffic(hlo: str, top: int | None) -> dict:
                     for k, (b, n) in ranked]}
 
 
-def traffic_markdown(t: dict) -> str:
+def traffic_markdown(t: dict, top: int | None = None) -> str:
     lines = [f"Memory-bound ops of the compiled step (entry computation): "
              f"{t['bytes'] / 1e9:.1f} GB read and written, {t['ms_at_hbm']:.1f} ms at "
              f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s.", "",
              "| source op (shape, kind, JAX source) | MB | ms at HBM speed | HLO ops |",
              "|---|---|---|---|"]
     lines += [f"| {o['source'].replace('|', '/')[:170]} | {o['bytes'] / 1e6:.0f} | "
-              f"{o['ms_at_hbm']:.2f} | {o['ops']} |" for o in t["ops"]]
+              f"{o['ms_at_hbm']:.2f} | {o['ops']} |" for o in t["ops"][:top]]
     return "\n".join(lines) + "\n"
 
 
@@ -344,8 +344,10 @@ def markdown(case: str, step_ms: float, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, device: str) -> str:
-    """Rank ``out/trace.json.gz`` against ``out/hlo.txt.gz``; write profile.json and profile.md."""
+def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, device: str,
+                 traffic: dict | None = None) -> str:
+    """Rank ``out/trace.json.gz`` against ``out/hlo.txt.gz``; write profile.json and profile.md,
+    and for a JAX trace gaps.md (against ``traffic``, counted from the HLO if not given)."""
     with gzip.open(out / "trace.json.gz", "rt") as f:
         trace = json.load(f)
     hlo_text = ""  # a torch trace has no HLO: its kernels are named after what they fuse
@@ -362,7 +364,7 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     table = markdown(case, step_ms, summary)
     (out / "profile.md").write_text(table)
     if hlo_text:
-        gaps = traffic_gaps(summary, hlo_traffic(hlo_text, top=None))
+        gaps = traffic_gaps(summary, traffic or hlo_traffic(hlo_text, top=None))
         (out / "gaps.md").write_text(gaps_markdown(gaps))
     return table
 
@@ -461,7 +463,8 @@ def main(argv=None):
         hlo_text = compiled.as_text()
         with gzip.open(out / "hlo.txt.gz", "wt") as f:
             f.write(hlo_text)
-        (out / "traffic.md").write_text(traffic_markdown(hlo_traffic(hlo_text, args.top)))
+        traffic = hlo_traffic(hlo_text, top=None)  # counted once: traffic.md, then gaps.md
+        (out / "traffic.md").write_text(traffic_markdown(traffic, args.top))
         for _ in range(3):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -479,7 +482,7 @@ def main(argv=None):
     shutil.copy(found[-1], out / "trace.json.gz")
     shutil.rmtree(trace_dir, ignore_errors=True)
     print(write_report(out, args.case, step_ms, args.steps, args.top,
-                       jax.devices()[0].device_kind))
+                       jax.devices()[0].device_kind, traffic))
 
 
 if __name__ == "__main__":
