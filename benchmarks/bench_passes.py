@@ -44,7 +44,9 @@ def _swiglu_autodiff(gate_up):
 
 def _with_backward(bwd):
     """The model's SwiGLU forward with another backward."""
-    forward = layers._swiglu.fun
+    def forward(gate_up):
+        return layers._swiglu.fun(gate_up, False)
+
     fn = jax.custom_vjp(forward)
     fn.defvjp(lambda g: (forward(g), g), bwd)
     return fn

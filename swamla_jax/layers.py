@@ -145,17 +145,23 @@ def _dyt(x, alpha, w, b, dtype):
     return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(dtype)
 
 
-@jax.custom_vjp
-def _swiglu(gate_up):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _swiglu(gate_up, round_halves: bool = False):
     """silu(gate) * up in float32 from the fused projection (..., 2, F) = (up, gate), cast back
     to its dtype. Only ``gate_up``, kept anyway as the GEMM's output, is saved for the backward,
-    which writes the gradient of the whole fused tensor in one elementwise pass."""
+    which writes the gradient of the whole fused tensor in one elementwise pass.
+
+    ``round_halves`` rounds each half of that gradient to ``gate_up``'s dtype before they are
+    joined, for when the gradient feeds more than a GEMM (FP8: an amax reduction and a cast).
+    XLA then splits the pass and writes the halves in between, in bf16 rather than float32: +4%
+    on base's FP8 step. Without FP8 the one pass stays whole and the rounding after the join is
+    faster: 2% on base's bf16 step (H100; BENCHMARKS.md, run 11). The values are the same."""
     up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
     return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
 
 
-def _swiglu_fwd(gate_up):
-    return _swiglu(gate_up), gate_up
+def _swiglu_fwd(gate_up, round_halves):
+    return _swiglu(gate_up, round_halves), gate_up
 
 
 def _swiglu_grads(up, gate, d):
@@ -164,17 +170,20 @@ def _swiglu_grads(up, gate, d):
     return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
 
 
-def _swiglu_bwd(gate_up, d_out):
+def _swiglu_bwd(round_halves, gate_up, d_out):
     # The barrier keeps XLA from merging the float32 casts below with the forward's: merged,
     # a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
     gate_up = lax.optimization_barrier(gate_up)
+    dt = gate_up.dtype
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
     d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    if round_halves:
+        d_up, d_gate = d_up.astype(dt), d_gate.astype(dt)
     # Each element picks its half from one broadcast expression. Stacking the two halves, or
     # autodiff's sum of two zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8
     # (H100, benchmarks/bench_passes.py); the step gained 1% (BENCHMARKS.md, run 10).
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
-    return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
+    return (jnp.where(is_up, d_up, d_gate).astype(dt),)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -278,5 +287,7 @@ class SwiGLU(nn.Module):
         # devices and moved half of every MLP activation (4 x H200, tensor 2: 0.56x per GPU).
         gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", view=(2, h),
                     view_axes=("embed", None, "mlp"), **lin)(x)  # (B, T, 2, F): up, gate
-        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(_swiglu(gu))
+        # A dot_general other than XLA's is FP8's, which quantizes the gradient of gu.
+        act = _swiglu(gu, self.dot_general is not None)
+        y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(act)
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

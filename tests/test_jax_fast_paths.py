@@ -141,6 +141,24 @@ def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
     assert saved and not [a for a in saved if a.dtype == jnp.float32 and a.size >= q.size], saved
 
 
+# ---------------------------------------------------------------------------- SwiGLU
+def test_swiglu_gradient_is_the_same_with_its_halves_rounded_first():
+    """FP8 rounds the two halves of SwiGLU's gradient before joining them (a faster split when
+    XLA splits the pass): the same bits as rounding after, and the formula's derivative."""
+    from swamla_jax import layers
+
+    rng = np.random.default_rng(5)
+    gu = jnp.asarray(3 * rng.standard_normal((2, 7, 2, 16)), jnp.bfloat16)
+    dh = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.bfloat16)
+    grads = [jax.vjp(lambda g: layers._swiglu(g, r), gu)[1](dh)[0] for r in (False, True)]
+    assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(grads[0], np.float32),
+                                  np.asarray(grads[1], np.float32))
+    ref = jax.vjp(lambda g: jax.nn.silu(g[..., 1, :]) * g[..., 0, :],
+                  gu.astype(jnp.float32))[1](dh.astype(jnp.float32))[0]
+    assert rel(grads[1], ref) < 1e-2  # bf16 rounding of the result only
+
+
 # ---------------------------------------------------------------------------- FP8
 def test_fp8_matmul_is_close_and_differentiable():
     rng = np.random.default_rng(2)
