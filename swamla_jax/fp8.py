@@ -13,9 +13,11 @@ no extra state in checkpoints or in the parameter tree, no stale scale after a r
 spike, and the amax reduction fuses into the op that produces the tensor. Delayed scaling was
 built and measured (commit ffe2abe: per-GEMM histories, calibration, checkpointed), hoping XLA
 would fold each cast into the op producing its tensor: on base at sequence 2048 (H100) it ran
-80.5K tokens/s against current scaling's 82.3K (not profiled), so it was taken out again
-(BENCHMARKS.md, run 8). The forward saves the float8 operands for the backward pass, so the
-activations kept for it are half the bf16 size.
+80.5K tokens/s against current scaling's 82.3K, so it was taken out again (BENCHMARKS.md, run 8).
+Its profile (run 11) shows why: it moved 21 GB a step less than its parent, but XLA merged
+the amax reductions of the attention projections' gradients, eight layers at a time, into three
+kernels that ran at ~0.2 TB/s (13.6 ms a step). The forward saves the float8 operands for the
+backward pass, so the activations kept for it are half the bf16 size.
 """
 
 from __future__ import annotations
