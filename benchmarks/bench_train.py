@@ -33,6 +33,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+_START = time.perf_counter()
+_CHILD = False  # set in a case's own process (--one), whose stdout the parent reads
+
+
+def stage(doing: str) -> None:
+    """Tells the parent process what a case is doing now, so a case stopped by
+    ``--case-timeout`` can be reported with the stage it was in."""
+    if _CHILD:
+        print(f"STAGE {time.perf_counter() - _START:.0f} {doing}", flush=True)
+
+
+def timeout_error(seconds: float, stdout) -> str:
+    """The error of a case stopped after ``seconds``, from what its process printed."""
+    if isinstance(stdout, bytes):
+        stdout = stdout.decode(errors="replace")
+    stages = [line.split(" ", 2)[1:] for line in (stdout or "").splitlines()
+              if line.startswith("STAGE ")]
+    if not stages:
+        return f"timed out after {seconds:.0f} s while starting (imports, devices)"
+    since, doing = stages[-1]
+    return f"timed out after {seconds:.0f} s while {doing} (begun at {since} s)"
 
 
 def _train_flags(preset, seq, batch, dtype, remat, extra=()):
@@ -62,6 +83,7 @@ def jax_setup(preset, seq, batch, dtype, remat, extra=(), devices=1):
     from swamla_jax.train import Trainer
 
     cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra))
+    stage("building the model and its state")
     if devices > len(jax.devices()):
         raise ValueError(f"case asks for {devices} devices, {len(jax.devices())} present")
     mesh = sharding.make_mesh(cfg.mesh_shape(devices), jax.devices()[:devices])
@@ -80,15 +102,19 @@ def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):
 
     with jax_setup(preset, seq, batch, dtype, remat, extra, devices) as (trainer, state,
                                                                          batch_arr, mesh):
+        stage("compiling the step")
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(state, batch_arr).compile()
         hlo = compiled.as_text()
+        stage("running the first step")
         state, m = compiled(state, batch_arr)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
+        stage("warming up")
         for _ in range(2):
             state, m = compiled(state, batch_arr)
         jax.block_until_ready(m)
+        stage(f"timing {steps} steps")
         t0 = time.perf_counter()
         for _ in range(steps):
             state, m = compiled(state, batch_arr)
@@ -120,6 +146,7 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
 
     cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)
                      + (["--compile"] if compile_model else []))
+    stage("building the model")
     env = distributed.setup()
     if env.world_size != devices:
         raise ValueError(f"case asks for {devices} GPUs, torchrun started {env.world_size}")
@@ -163,16 +190,19 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
     with torch_setup(preset, seq, batch, dtype, remat, extra, compile_model, devices) as t:
         env, sync = t.env, t.sync
         sync()
+        stage("running the first step" + (" (compiling)" if compile_model else ""))
         t0 = time.perf_counter()
         loss = t.step()
         sync()
         compile_s = time.perf_counter() - t0
+        stage("warming up")
         for _ in range(2):
             t.step()
         sync()
         if t.cuda:
             torch.cuda.reset_peak_memory_stats()
         distributed.barrier(env)
+        stage(f"timing {steps} steps")
         t0 = time.perf_counter()
         for _ in range(steps):
             loss = t.step()
@@ -251,6 +281,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None):
+    global _CHILD
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", required=True)
@@ -261,10 +292,12 @@ def main(argv=None):
     p.add_argument("--out", default="bench_train.json")
     p.add_argument("--md", default=None)
     p.add_argument("--case-timeout", type=float, default=None,
-                   help="seconds before a case is stopped and reported as failed")
+                   help="seconds before a case is stopped and reported as failed, with the "
+                        "stage it was in (starting, compiling, warming up, timing...)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
     if args.one:
+        _CHILD = True
         result = run_case(args.cases[0], args.batch, args.steps, args.remat, not args.no_compile)
         if result.pop("is_main", True):
             print("RESULT " + json.dumps(result), flush=True)
@@ -284,8 +317,8 @@ def main(argv=None):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ),
                                   timeout=args.case_timeout)
-        except subprocess.TimeoutExpired:
-            rows.append({"case": case, "error": f"timed out after {args.case_timeout:.0f} s"})
+        except subprocess.TimeoutExpired as e:
+            rows.append({"case": case, "error": timeout_error(args.case_timeout, e.stdout)})
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
             continue
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

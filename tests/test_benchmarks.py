@@ -53,6 +53,19 @@ def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     assert "| jax:tiny:64:bf16+scan_layers=true | 1 | 2 |" in table and "failed:" in table
 
 
+def test_a_case_stopped_by_its_timeout_says_what_it_was_doing(tmp_path):
+    assert bench_train.timeout_error(120, None) == (
+        "timed out after 120 s while starting (imports, devices)")
+    printed = b"STAGE 9 building the model and its state\nnoise\nSTAGE 14 compiling the step\n"
+    assert bench_train.timeout_error(120, printed) == (
+        "timed out after 120 s while compiling the step (begun at 14 s)")
+    out = tmp_path / "bench.json"  # a real case, stopped before it can finish
+    bench_train.main(["--cases", "jax:tiny:64:bf16", "--batch", "1", "--steps", "1",
+                      "--case-timeout", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["error"].startswith("timed out after 1 s while "), row
+
+
 HLO = """\
 ENTRY %main {
   %gemm.1 = bf16[16,32]{1,0} custom-call(%a, %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/mlp/dot_general"}
