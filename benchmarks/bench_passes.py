@@ -62,10 +62,7 @@ def _bwd_stacked(gate_up, d_out):
 def _bwd_select(gate_up, d_out):
     """The model's backward without its barrier (alone it runs as fast; in a step XLA merged its
     float32 casts with the forward's and kept a float32 gate alive in between)."""
-    up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    d_up, d_gate = layers._swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
-    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
-    return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
+    return (layers._swiglu_select_grad(gate_up, d_out, False),)
 
 
 SWIGLU = (("model (layers._swiglu: select after a barrier)", layers._swiglu),

@@ -180,7 +180,7 @@ def _fusion_bytes(body: str, result: int, operands: list[int]) -> int:
     return int(total)
 
 
-def hlo_traffic(hlo: str, top: int | None) -> dict:
+def hlo_traffic(hlo: str) -> dict:
     """The bytes each memory-bound op of the compiled step's entry computation reads and writes
     (operands + result; GEMMs, attention calls, parameters, constants and bitcasts left out),
     merged over the layers like the profile's sources. A fusion that reads an operand only through
@@ -205,7 +205,7 @@ def hlo_traffic(hlo: str, top: int | None) -> dict:
         row[0] += moved
         row[1] += 1
     total = sum(b for b, _ in rows.values())
-    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
     return {"bytes": total, "ms_at_hbm": total / HBM_BYTES_PER_S * 1e3,
             "ops": [{"source": k, "bytes": b, "ms_at_hbm": b / HBM_BYTES_PER_S * 1e3, "ops": n}
                     for k, (b, n) in ranked]}
@@ -364,8 +364,15 @@ def write_report(out: Path, case: str, step_ms: float, steps: int, top: int, dev
     table = markdown(case, step_ms, summary)
     (out / "profile.md").write_text(table)
     if hlo_text:
-        gaps = traffic_gaps(summary, traffic or hlo_traffic(hlo_text, top=None))
-        (out / "gaps.md").write_text(gaps_markdown(gaps))
+        write_gaps(out, summary, hlo_text, traffic)
+    return table
+
+
+def write_gaps(out: Path, summary: dict, hlo_text: str, traffic: dict | None = None) -> str:
+    """Write ``out/gaps.md``: the profile ``summary`` against the byte floors of the compiled
+    HLO (``traffic``, counted from ``hlo_text`` if not given)."""
+    table = gaps_markdown(traffic_gaps(summary, traffic or hlo_traffic(hlo_text)))
+    (out / "gaps.md").write_text(table)
     return table
 
 
@@ -418,7 +425,7 @@ def main(argv=None):
             raise SystemExit(f"--traffic reads {Path(args.traffic) / 'hlo.txt.gz'}, which is not "
                              "there: point it at a folder a profile run wrote (--out)")
         with gzip.open(Path(args.traffic) / "hlo.txt.gz", "rt") as f:
-            table = traffic_markdown(hlo_traffic(f.read(), args.top))
+            table = traffic_markdown(hlo_traffic(f.read()), args.top)
         (Path(args.traffic) / "traffic.md").write_text(table)
         print(table)
         return
@@ -429,11 +436,7 @@ def main(argv=None):
             raise SystemExit(f"--gaps reads {' and '.join(missing)} in {out}, not there: point "
                              "it at a folder a JAX profile run wrote (--out)")
         with gzip.open(out / "hlo.txt.gz", "rt") as f:
-            traffic = hlo_traffic(f.read(), top=None)
-        table = gaps_markdown(traffic_gaps(json.loads((out / "profile.json").read_text()),
-                                           traffic))
-        (out / "gaps.md").write_text(table)
-        print(table)
+            print(write_gaps(out, json.loads((out / "profile.json").read_text()), f.read()))
         return
     if args.summarize:
         out = Path(args.summarize)
@@ -463,7 +466,7 @@ def main(argv=None):
         hlo_text = compiled.as_text()
         with gzip.open(out / "hlo.txt.gz", "wt") as f:
             f.write(hlo_text)
-        traffic = hlo_traffic(hlo_text, top=None)  # counted once: traffic.md, then gaps.md
+        traffic = hlo_traffic(hlo_text)  # counted once: traffic.md, then gaps.md
         (out / "traffic.md").write_text(traffic_markdown(traffic, args.top))
         for _ in range(3):
             state, m = compiled(state, batch)

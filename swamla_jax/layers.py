@@ -170,20 +170,24 @@ def _swiglu_grads(up, gate, d):
     return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
 
 
-def _swiglu_bwd(round_halves, gate_up, d_out):
-    # The barrier keeps XLA from merging the float32 casts below with the forward's: merged,
-    # a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
-    gate_up = lax.optimization_barrier(gate_up)
+def _swiglu_select_grad(gate_up, d_out, round_halves: bool):
+    """The gradient of the fused (..., 2, F) tensor in one elementwise pass: each element picks
+    its half from one broadcast expression. Stacking the two halves, or autodiff's sum of two
+    zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8 (H100,
+    benchmarks/bench_passes.py); the step gained 1% (BENCHMARKS.md, run 10)."""
     dt = gate_up.dtype
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
     d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
     if round_halves:
         d_up, d_gate = d_up.astype(dt), d_gate.astype(dt)
-    # Each element picks its half from one broadcast expression. Stacking the two halves, or
-    # autodiff's sum of two zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8
-    # (H100, benchmarks/bench_passes.py); the step gained 1% (BENCHMARKS.md, run 10).
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
-    return (jnp.where(is_up, d_up, d_gate).astype(dt),)
+    return jnp.where(is_up, d_up, d_gate).astype(dt)
+
+
+def _swiglu_bwd(round_halves, gate_up, d_out):
+    # The barrier keeps XLA from merging the float32 casts of the gradient with the forward's:
+    # merged, a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
+    return (_swiglu_select_grad(lax.optimization_barrier(gate_up), d_out, round_halves),)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

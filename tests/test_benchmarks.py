@@ -197,7 +197,7 @@ ENTRY %main (a: bf16[8,1024], w: bf16[1024,1024]) -> bf16[8,1024] {
 
 
 def test_traffic_counts_the_bytes_of_memory_bound_ops_only(tmp_path, capsys):
-    t = profile_step.hlo_traffic(TRAFFIC_HLO, top=10)
+    t = profile_step.hlo_traffic(TRAFFIC_HLO)
     act = 8 * 1024 * 2  # one bf16[8, 1024]
     adds, norm = t["ops"]  # the GEMM, the parameters and the loop body are not counted
     assert adds["ops"] == 2 and adds["bytes"] == 2 * 3 * act  # two reads and a write, per layer
@@ -264,7 +264,7 @@ def test_gaps_set_each_memory_bound_op_against_its_byte_floor(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip("\n") + "\n" == written
 
     g = profile_step.traffic_gaps(json.loads((tmp_path / "profile.json").read_text()),
-                                  profile_step.hlo_traffic(TRAFFIC_HLO, top=None))
+                                  profile_step.hlo_traffic(TRAFFIC_HLO))
     adds, norm = g["rows"]
     act = 8 * 1024 * 2
     floor = 2 * 3 * act / profile_step.HBM_BYTES_PER_S * 1e3
@@ -287,7 +287,7 @@ def test_traffic_counts_slices_and_in_place_updates_not_whole_buffers():
     """A fusion reading one layer of a stacked parameter (through a convert) reads that layer; an
     in-place dynamic-update-slice writes the update; a fusion using the whole operand reads it."""
     ops = {o["source"].split("| ")[-1]: o["bytes"]
-           for o in profile_step.hlo_traffic(SLICING_HLO, top=10)["ops"]}
+           for o in profile_step.hlo_traffic(SLICING_HLO)["ops"]}
     assert ops["layer"] == 64 * 32 * 4 + 64 * 32 * 2  # one f32 layer read, bf16 written
     assert ops["all"] == 8 * 64 * 32 * (4 + 2)
     assert ops["upd"] == 4 * 16 * 2 * 2 + 4  # the update read and written, and the index
