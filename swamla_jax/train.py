@@ -365,47 +365,66 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "data_state": _gather_data_state(train_loader), "train_config": cfg.to_dict()}
 
         last: dict[str, Any] = {}
-        t0, steps_since, pending = time.perf_counter(), 0, None
+        pending = None  # (step, metrics) of the newest step, read once the next one is queued
+        mark = (time.perf_counter(), step)  # tokens/s counts the steps finished since mark
+        compiled = False
+
+        def settle():
+            """Wait for the pending step: count it if skipped, log it if a log step."""
+            nonlocal pending, skipped_total, last, mark
+            if pending is None:
+                return
+            at, metrics = pending
+            pending = None
+            skipped_total += _check_finite(metrics, cfg)
+            if at % cfg.log_interval and at != cfg.max_iters:
+                return
+            m = jax.device_get(metrics)
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (at - mark[1]) / (now - mark[0]) if at > mark[1] else None
+            last = {"loss": float(m["loss"]), "lr": lr_at(at - 1 - skipped_total, cfg),
+                    "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
+                    "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
+                    "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
+            logger.log(at, last)
+            mark = (now, at)
+
+        def restart_clock():  # after eval, a save or compilation: only train steps count
+            nonlocal mark
+            mark = (time.perf_counter(), step)
+
         try:
             with StopSignal() as stop:
                 while step < cfg.max_iters:
                     batch = _to_global(trainer, _next_batch(train_loader, k, vocab))
                     state, metrics = trainer.train_step(state, batch)
                     step += 1
-                    steps_since += 1
-                    if steps_since == 1 and pending is None and not last:
-                        # Keep compilation out of tokens/s: time from the end of the first step.
+                    # Settle the previous step while this one runs: the host reads metrics,
+                    # logs and fetches the next batch without leaving the device idle.
+                    settle()
+                    pending = (step, metrics)
+                    if not compiled:  # the first step waits anyway: keep compilation out
                         jax.block_until_ready(metrics)
-                        t0, steps_since = time.perf_counter(), 0
-                    # Read the previous step's metrics while this one runs: no pipeline bubble.
-                    if pending is not None:
-                        skipped_total += _check_finite(pending, cfg)
-                    pending = metrics
-                    if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                        skipped_total += _check_finite(pending, cfg)
-                        pending = None
-                        m = jax.device_get(metrics)
-                        dt = time.perf_counter() - t0
-                        tok_s = tokens_per_step * steps_since / dt if steps_since else None
-                        last = {"loss": float(m["loss"]), "lr": lr_at(step - 1 - skipped_total, cfg),
-                                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
-                                "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
-                                "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
-                        logger.log(step, last)
-                        t0, steps_since = time.perf_counter(), 0
+                        restart_clock()
+                        settle()
+                        compiled = True
                     bar.update(1, {"loss": last.get("loss")})
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                        settle()
                         last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
                                              vocab))
                         logger.log(step, {k_: last[k_] for k_ in ("eval_loss", "eval_ppl")})
-                        t0, steps_since = time.perf_counter(), 0  # eval time is not train time
+                        restart_clock()
                     if step % cfg.save_interval == 0 or step == cfg.max_iters:
+                        settle()
                         ckpt.save(step, state, meta_now())
-                        t0, steps_since = time.perf_counter(), 0
+                        restart_clock()
                     if _any_process(stop.should_stop):
+                        settle()
                         log.warning("stop signal: saving step %d and exiting", step)
                         ckpt.save(step, state, meta_now(), wait=True)
                         break
+                settle()
         finally:
             bar.close()
             ckpt.close()

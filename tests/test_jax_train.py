@@ -141,6 +141,37 @@ def test_sigterm_saves_and_resume_is_exact(shards, tmp_path, monkeypatch):
     np.testing.assert_array_equal(losses(out), losses(tmp_path / "straight"))
 
 
+def test_metrics_are_read_one_step_behind(shards, tmp_path, monkeypatch):
+    """The host waits for a step's metrics only once the next step is queued, log steps included,
+    so logging every step leaves no gap on the device; only the first (compilation) and the last
+    step (eval, save) wait."""
+    import swamla_jax.train as t
+
+    queued, read_with_queued = [0], []
+
+    class CountingTrainer(t.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            step = self.train_step
+
+            def queue(*a):
+                queued[0] += 1
+                return step(*a)
+            self.train_step = queue
+
+    check = t._check_finite
+
+    def counting_check(metrics, cfg):
+        read_with_queued.append(queued[0])
+        return check(metrics, cfg)
+
+    monkeypatch.setattr(t, "Trainer", CountingTrainer)
+    monkeypatch.setattr(t, "_check_finite", counting_check)
+    t.train(parse_args(flags(shards, tmp_path / "run")))  # log_interval 1, 8 steps
+    assert read_with_queued == [1, 3, 4, 5, 6, 7, 8, 8]  # the first step waits: compilation
+    assert len(losses(tmp_path / "run")) == 8
+
+
 def test_resume_none_refuses_to_clobber(shards, tmp_path):
     from swamla.config import ConfigError
     from swamla_jax.train import train
