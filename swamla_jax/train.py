@@ -210,10 +210,28 @@ def _device_memory_gb() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.array([flag])).any())
+class _StopVote:
+    """Whether any process was asked to stop (SIGTERM, SIGINT), the same answer on every process.
+
+    One process reads its own flag. Several OR their flags on the devices, laid out like a token
+    batch: each call queues a vote behind the step just queued and returns the vote queued one
+    call earlier, so reading it waits only for the step before, never idling the device as a
+    blocking all-gather per step would.
+    """
+
+    def __init__(self, stop: StopSignal, trainer: Trainer, rows: int):
+        self.stop, self.trainer, self.rows, self.queued = stop, trainer, rows, None
+        self.any = jax.jit(jnp.any, out_shardings=sharding.replicated(trainer.mesh))
+
+    def __call__(self) -> bool:
+        """Called once after queuing each step: stop after this step?"""
+        if jax.process_count() == 1:
+            return self.stop.should_stop
+        decided = self.queued is not None and bool(self.queued.addressable_data(0))
+        local = np.full((1, self.rows, 1), self.stop.should_stop)
+        self.queued = self.any(jax.make_array_from_process_local_data(
+            self.trainer.batch_sharding, local))
+        return decided
 
 
 def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> dict[str, float]:
@@ -395,6 +413,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         try:
             with StopSignal() as stop:
+                stop_requested = _StopVote(stop, trainer, rows)
                 while step < cfg.max_iters:
                     batch = _to_global(trainer, _next_batch(train_loader, k, vocab))
                     state, metrics = trainer.train_step(state, batch)
@@ -419,7 +438,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         settle()
                         ckpt.save(step, state, meta_now())
                         restart_clock()
-                    if _any_process(stop.should_stop):
+                    if stop_requested():
                         settle()
                         log.warning("stop signal: saving step %d and exiting", step)
                         ckpt.save(step, state, meta_now(), wait=True)

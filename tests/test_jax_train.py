@@ -268,28 +268,41 @@ def test_restore_on_another_device_count(shards, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one(shards, tmp_path):
     """Multi-host JAX on one machine: 2 processes x 2 simulated devices through jax.distributed
-    (coordinator flags), FSDP over all 4, match a single process on 4 devices."""
+    (coordinator flags), FSDP over all 4. A SIGTERM to one process stops both at the same step
+    with one checkpoint; resumed, they give the losses of a single process on 4 devices."""
     import socket
 
     single = tmp_path / "single"
     run_in_subprocess(flags(shards, single, "--batch_size", "2"), devices=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     multi = tmp_path / "multi"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
-    procs = []
-    for pid in range(2):
-        argv = flags(shards, multi, "--batch_size", "2", "--coordinator_address",
-                     f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid))
-        code = f"from swamla.train_config import parse_args\nimport swamla_jax.train as t\n" \
-               f"t.train(parse_args({argv!r}))"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-4000:]
+    # process 1 alone is signalled, while its 5th batch loads (before step 5 is queued)
+    sigterm_at_5 = ("import os, signal\n_orig, _n = t._next_batch, [0]\n"
+                    "def _hook(*a, **k):\n    _n[0] += 1\n    if _n[0] == 5:\n"
+                    "        os.kill(os.getpid(), signal.SIGTERM)\n    return _orig(*a, **k)\n"
+                    "t._next_batch = _hook\n")
+    for run in ("interrupted", "resumed"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for pid in range(2):
+            argv = flags(shards, multi, "--batch_size", "2", "--coordinator_address",
+                         f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(pid))
+            hook = sigterm_at_5 if run == "interrupted" and pid == 1 else ""
+            code = f"from swamla.train_config import parse_args\nimport swamla_jax.train as t\n" \
+                   f"{hook}t.train(parse_args({argv!r}))"
+            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        for p in procs:
+            out, _ = p.communicate(timeout=600)
+            assert p.returncode == 0, out[-4000:]
+        if run == "interrupted":
+            # the processes agree one step after the signal: both save step 6, nothing exported
+            assert sorted(d.name for d in (multi / "checkpoints").iterdir()) == ["6"]
+            assert not (multi / "export").exists()
     np.testing.assert_allclose(losses(multi), losses(single), rtol=1e-5)
     assert (multi / "checkpoints" / "8").is_dir() and (multi / "export").is_dir()
 
