@@ -405,6 +405,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
                     "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
             logger.log(at, last)
+            bar.update(0, {"loss": last["loss"]})
             mark = (now, at)
 
         def restart_clock():  # after eval, a save or compilation: only train steps count
@@ -427,7 +428,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         restart_clock()
                         settle()
                         compiled = True
-                    bar.update(1, {"loss": last.get("loss")})
+                    bar.update(1)
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                         settle()
                         last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
