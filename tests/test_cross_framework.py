@@ -104,38 +104,25 @@ def test_switch_framework_mid_run(shards, tmp_path, first):
 def _run_until(train_fn, argv, framework, stop_step):
     """Run ``train`` with a stop request (the preemption path: save, then exit) at ``stop_step``,
     so the first half keeps the schedule of the whole run (it depends on max_iters)."""
-    if framework == "jax":
-        original = jax_train._any_process
-        calls = {"n": 0}
+    module = {"jax": jax_train, "torch": torch_train}[framework]
 
-        def stop_at(flag):
-            calls["n"] += 1
-            return original(flag) or calls["n"] == stop_step
+    class StopAt:  # both trainers poll a single process's flag once per step
+        polls = 0
 
-        jax_train._any_process = stop_at
-        try:
-            train_fn(parse_args(argv))
-        finally:
-            jax_train._any_process = original
-    else:
-        original = torch_train.StopSignal
+        @property
+        def should_stop(self):
+            self.polls += 1
+            return self.polls >= stop_step
 
-        class StopAt:  # polled once per step
-            polls = 0
+        def __enter__(self):
+            return self
 
-            @property
-            def should_stop(self):
-                self.polls += 1
-                return self.polls >= stop_step
+        def __exit__(self, *exc):
+            pass
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                pass
-
-        torch_train.StopSignal = StopAt
-        try:
-            train_fn(parse_args(argv))
-        finally:
-            torch_train.StopSignal = original
+    original = module.StopSignal
+    module.StopSignal = StopAt
+    try:
+        train_fn(parse_args(argv))
+    finally:
+        module.StopSignal = original
