@@ -146,7 +146,7 @@ def _dyt(x, alpha, w, b, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _swiglu(gate_up, round_halves: bool = False):
+def _swiglu(gate_up, round_halves: bool):
     """silu(gate) * up in float32 from the fused projection (..., 2, F) = (up, gate), cast back
     to its dtype. Only ``gate_up``, kept anyway as the GEMM's output, is saved for the backward,
     which writes the gradient of the whole fused tensor in one elementwise pass.

@@ -220,7 +220,8 @@ class _StopVote:
     """
 
     def __init__(self, stop: StopSignal, trainer: Trainer, rows: int):
-        self.stop, self.trainer, self.rows, self.queued = stop, trainer, rows, None
+        self.stop, self.rows, self.queued = stop, rows, None
+        self.flags = trainer.batch_sharding
         self.any = jax.jit(jnp.any, out_shardings=sharding.replicated(trainer.mesh))
 
     def __call__(self) -> bool:
@@ -229,8 +230,7 @@ class _StopVote:
             return self.stop.should_stop
         decided = self.queued is not None and bool(self.queued.addressable_data(0))
         local = np.full((1, self.rows, 1), self.stop.should_stop)
-        self.queued = self.any(jax.make_array_from_process_local_data(
-            self.trainer.batch_sharding, local))
+        self.queued = self.any(jax.make_array_from_process_local_data(self.flags, local))
         return decided
 
 
