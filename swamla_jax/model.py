@@ -131,46 +131,59 @@ def _chunk_logits(xc, emb):
     return jnp.einsum("BTC,VC->BTV", xc, emb, preferred_element_type=f32)
 
 
+def _chunk_lse(logits):
+    m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    return (m + jnp.log(jnp.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _head_loss_sum(xs, emb, ts, label_smoothing: float):
     """Summed SPEC 5 loss of the tied head over targets != -100; xs (n, B, chunk, C) and ts
     (n, B, chunk) are the positions split into n chunks, taken one at a time."""
-    return _head_loss_fwd(xs, emb, ts, label_smoothing)[0]
+    def body(total, xs_):
+        xc, tc = xs_
+        logits = _chunk_logits(xc, emb)  # (B, chunk, V) float32, this chunk only
+        return total + _token_losses(logits, _chunk_lse(logits), tc, label_smoothing).sum(), None
+
+    return jax.lax.scan(body, jnp.zeros([], f32), (xs, ts))[0]
 
 
 def _head_loss_fwd(xs, emb, ts, label_smoothing):
-    def body(total, xs):
-        xc, tc = xs
-        logits = _chunk_logits(xc, emb)  # (B, chunk, V) float32, this chunk only
-        m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-        lse = (m + jnp.log(jnp.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
-        return total + _token_losses(logits, lse, tc, label_smoothing).sum(), lse
+    """The loss and, in the same pass over each chunk's logits, its gradients.
 
-    total, lse = jax.lax.scan(body, jnp.zeros([], f32), (xs, ts))
-    return total, (xs, emb, ts, lse)
-
-
-def _head_loss_bwd(label_smoothing, res, g):
-    """d(loss sum)/d logits = softmax - smoothed one-hot, rounded to the compute dtype (as the
-    autocast PyTorch head does) so both head-gradient GEMMs run in bf16 with float32
-    accumulation; logits are recomputed per chunk and never stored."""
-    xs, emb, ts, lse = res
+    The loss is a sum, so its VJP for a cotangent ``g`` is ``g`` times the gradient for 1: the
+    backward pass only scales what this computes, and each chunk's logits are made once per step
+    instead of again in the backward pass (one head GEMM fewer). d(loss sum)/d logits = softmax -
+    smoothed one-hot is rounded to the compute dtype (as the autocast PyTorch head does) so both
+    head-gradient GEMMs run in bf16 with float32 accumulation; the gradients are kept in float32
+    until scaled.
+    """
     V = emb.shape[0]
     on, off = 1.0 - label_smoothing, label_smoothing / (V - 1)
 
-    def body(d_emb, xs_):
-        xc, tc, lse_c = xs_
+    def body(carry, xs_):
+        total, d_emb = carry
+        xc, tc = xs_
         logits = _chunk_logits(xc, emb)
+        lse = _chunk_lse(logits)
+        total = total + _token_losses(logits, lse, tc, label_smoothing).sum()
         valid = (tc != IGNORE_INDEX)[..., None]
         target = jnp.arange(V) == tc[..., None]
-        d_logits = jnp.exp(logits - lse_c[..., None]) - jnp.where(target, on, off)
-        d_logits = (jnp.where(valid, d_logits, 0.0) * g).astype(xc.dtype)  # (B, chunk, V)
-        dxc = jnp.einsum("BTV,VC->BTC", d_logits, emb)
+        d_logits = jnp.exp(logits - lse[..., None]) - jnp.where(target, on, off)
+        d_logits = jnp.where(valid, d_logits, 0.0).astype(xc.dtype)  # (B, chunk, V)
+        dxc = jnp.einsum("BTV,VC->BTC", d_logits, emb, preferred_element_type=f32)
         d_emb = d_emb + jnp.einsum("BTV,BTC->VC", d_logits, xc, preferred_element_type=f32)
-        return d_emb, dxc
+        return (total, d_emb), dxc
 
-    d_emb, dxs = jax.lax.scan(body, jnp.zeros(emb.shape, f32), (xs, ts, lse))
-    return dxs, d_emb.astype(emb.dtype), None
+    (total, d_emb), dxs = jax.lax.scan(body, (jnp.zeros([], f32), jnp.zeros(emb.shape, f32)),
+                                       (xs, ts))
+    dtypes = (jnp.zeros(0, xs.dtype), jnp.zeros(0, emb.dtype))  # the cotangents' dtypes
+    return total, (dxs, d_emb, dtypes)
+
+
+def _head_loss_bwd(label_smoothing, res, g):
+    dxs, d_emb, (xs_dtype, emb_dtype) = res
+    return (g * dxs).astype(xs_dtype.dtype), (g * d_emb).astype(emb_dtype.dtype), None
 
 
 _head_loss_sum.defvjp(_head_loss_fwd, _head_loss_bwd)
@@ -180,8 +193,8 @@ def chunked_cross_entropy(x, embedding, targets, label_smoothing: float, chunk: 
     """SPEC 5 mean loss through the tied head over chunks of ``chunk`` positions.
 
     ``x`` (B, T, C) and ``embedding`` (V, C) in the compute dtype. Float32 logits exist for one
-    chunk at a time, in the forward pass and again (recomputed) in the backward pass, whose
-    gradient w.r.t. the logits is rounded to the compute dtype before the two head GEMMs.
+    chunk at a time. Under differentiation the forward pass also computes the gradients from
+    each chunk's logits (``_head_loss_fwd``), so they are made once a step, never stored.
     """
     xs, ts = _split_chunks(x, chunk, 0), _split_chunks(targets, chunk, IGNORE_INDEX)
     total = _head_loss_sum(xs, embedding, ts, label_smoothing)
@@ -196,8 +209,8 @@ class SWAMLA(nn.Module):
     on dropout (rng stream ``'dropout'``) and is what training passes. ``dot_general`` replaces
     the block matmuls (FP8: ``swamla_jax.fp8.fp8_dot_general``); ``attention_impl`` picks the
     kernel (``swamla_jax.attention.resolve_attention_impl``). With ``loss_chunk > 0`` and targets,
-    the loss is computed over chunks of ``loss_chunk`` positions, each chunk's logits recomputed
-    in the backward pass, so float32 logits never exist for the whole batch; logits are then
+    the loss is computed over chunks of ``loss_chunk`` positions, with its gradients in the same
+    pass, so float32 logits never exist for the whole batch; logits are then
     not returned (None). ``scan_layers=False`` fully unrolls the loop over cycles (the parameter
     tree is the same). ``fuse_projections`` runs the projections that share an input (SWA q/k/v,
     MLA query and kv down-projection) as one GEMM each (same parameters; not under tensor

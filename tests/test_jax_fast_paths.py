@@ -48,6 +48,27 @@ def test_chunked_loss_matches_full(chunk, smoothing):
         assert rel(a, b) < 1e-5
 
 
+def test_chunked_loss_makes_each_chunks_logits_once():
+    """Under differentiation the head runs three vocab-sized GEMMs a chunk (the logits, and the
+    two gradients from them in the same pass), not a fourth to recompute the logits; without
+    differentiation only the logits GEMM runs."""
+    from swamla_jax.model import chunked_cross_entropy
+    V, C = 97, 8
+    x = jnp.ones((2, 40, C), jnp.bfloat16)
+    emb = jnp.ones((V, C), jnp.bfloat16)
+    targets = jnp.zeros((2, 40), jnp.int32)
+
+    def vocab_gemms(f, *args):
+        text = jax.jit(f).lower(*args).as_text()
+        return sum(1 for line in text.splitlines() if "dot_general" in line and f"{V}x" in line)
+
+    def loss(x, emb):
+        return chunked_cross_entropy(x, emb, targets, 0.0, 16)
+
+    assert vocab_gemms(jax.grad(loss, argnums=(0, 1)), x, emb) == 3
+    assert vocab_gemms(loss, x, emb) == 1
+
+
 # ---------------------------------------------------------------------------- SWA merge
 def _window_scores(q, k, scale, window):
     """Scaled scores (B, K, G, T, T) of causal attention over the last ``window`` keys."""
