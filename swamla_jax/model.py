@@ -131,9 +131,19 @@ def _chunk_logits(xc, emb):
     return jnp.einsum("BTC,VC->BTV", xc, emb, preferred_element_type=f32)
 
 
+def _lse_combine(a, b):
+    """Merge two (running max, sum of exp(x - max)) pairs, one exponential per merge."""
+    (ma, sa), (mb, sb) = a, b
+    e = jnp.where(ma == mb, 1.0, jnp.exp(-jnp.abs(ma - mb)))  # == also covers -inf with -inf
+    return jnp.maximum(ma, mb), jnp.where(ma >= mb, sa + sb * e, sb + sa * e)
+
+
 def _chunk_lse(logits):
-    m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-    return (m + jnp.log(jnp.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
+    """Log-sum-exp over the last axis in one pass over the float32 logits (an online softmax
+    normalizer as one variadic reduction) rather than a max pass and then a sum pass."""
+    init = (jnp.array(-jnp.inf, f32), jnp.array(0.0, f32))
+    m, s = jax.lax.reduce((logits, jnp.ones_like(logits)), init, _lse_combine, (logits.ndim - 1,))
+    return m + jnp.log(s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

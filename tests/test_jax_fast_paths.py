@@ -48,6 +48,16 @@ def test_chunked_loss_matches_full(chunk, smoothing):
         assert rel(a, b) < 1e-5
 
 
+def test_one_pass_logsumexp_matches_logsumexp():
+    from swamla_jax.model import _chunk_lse
+    x = np.random.default_rng(0).normal(size=(3, 4, 999)).astype(np.float32) * 40
+    x[0, 0] = -np.inf  # a row with nothing visible
+    x[0, 1, :500] = -np.inf
+    x[1, 2, 7] = 3e4  # one logit far above the rest
+    np.testing.assert_allclose(_chunk_lse(jnp.asarray(x)), jax.nn.logsumexp(x, axis=-1),
+                               rtol=1e-6)
+
+
 def test_chunked_loss_makes_each_chunks_logits_once():
     """Under differentiation the head runs three vocab-sized GEMMs a chunk (the logits, and the
     two gradients from them in the same pass), not a fourth to recompute the logits; without
