@@ -47,31 +47,74 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     valid = targets != IGNORE_INDEX
-    safe = torch.where(valid, targets, 0)
-    tgt = logp.gather(-1, safe[..., None])[..., 0]
+    return _token_losses(logp, targets, label_smoothing).sum() / valid.sum().clamp(min=1)
+
+
+def _token_losses(logp, targets, label_smoothing: float):
+    """SPEC 5 loss of each position from float32 log-probabilities (..., V), 0 where the target
+    is -100."""
+    valid = targets != IGNORE_INDEX
+    tgt = logp.gather(-1, torch.where(valid, targets, 0)[..., None])[..., 0]
     loss = -tgt
     if label_smoothing > 0.0:
-        V = logits.shape[-1]
+        V = logp.shape[-1]
         others = logp.sum(-1) - tgt
         loss = -(1.0 - label_smoothing) * tgt - (label_smoothing / (V - 1)) * others
-    loss = torch.where(valid, loss, 0.0)
-    return loss.sum() / valid.sum().clamp(min=1)
+    return torch.where(valid, loss, 0.0)
 
 
-def chunked_cross_entropy(head, x, targets, label_smoothing: float, chunk: int):
-    """SPEC 5 loss over sequence chunks: one chunk's logits at a time, recomputed in backward
-    (``torch.utils.checkpoint``), so float32 logits never exist for the whole batch."""
-    total = x.new_zeros((), dtype=torch.float32)
-    count = targets.new_zeros(())
-    for start in range(0, x.shape[1], chunk):
-        xc, tc = x[:, start:start + chunk], targets[:, start:start + chunk]
-        mean = torch.utils.checkpoint.checkpoint(
-            lambda xc, tc: cross_entropy(head(xc), tc, label_smoothing), xc, tc,
-            use_reentrant=False)
-        n = (tc != IGNORE_INDEX).sum()
-        total = total + mean * n
-        count = count + n
-    return total / count.clamp(min=1)
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """SPEC 5 mean loss through the tied head, one chunk of positions at a time; when a gradient
+    is wanted, the forward pass computes it from each chunk's logits as they are made.
+
+    The loss is linear in its cotangent, so the backward pass only scales what the forward pass
+    kept (the gradients for a cotangent of 1): each chunk's logits GEMM runs once a step instead
+    of again in a recomputing backward. d(loss)/d logits is rounded to the compute dtype before
+    the two head-gradient GEMMs, as autograd through the autocast head does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, label_smoothing: float, chunk: int):
+        w = weight.to(x.dtype)  # (V, C) tied embedding in the compute dtype
+        V = w.shape[0]
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = x.new_zeros((), dtype=torch.float32)
+        dx = torch.empty_like(x) if want_grad else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad else None
+        on, off = 1.0 - label_smoothing, label_smoothing / (V - 1)
+        for start in range(0, x.shape[1], chunk):
+            xc, tc = x[:, start:start + chunk], targets[:, start:start + chunk]
+            logp = torch.log_softmax((xc @ w.T).float(), dim=-1)  # (B, chunk, V)
+            total = total + _token_losses(logp, tc, label_smoothing).sum()
+            if want_grad:
+                target = torch.nn.functional.one_hot(torch.where(tc == IGNORE_INDEX, 0, tc), V)
+                d_logits = logp.exp() - torch.where(target.bool(), on, off)
+                d_logits = (torch.where(valid[:, start:start + chunk, None], d_logits, 0.0)
+                            / count).to(x.dtype)
+                dx[:, start:start + chunk] = d_logits @ w
+                dw += (d_logits.flatten(0, 1).T @ xc.flatten(0, 1)).float()
+        if want_grad:
+            ctx.save_for_backward(dx, dw.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        return g * dx, g * dw, None, None, None
+
+
+def chunked_cross_entropy(weight, x, targets, label_smoothing: float, chunk: int):
+    """SPEC 5 mean loss through the tied head ``weight`` (V, C) over sequence chunks: float32
+    logits exist for one chunk at a time and are never recomputed (``_ChunkedHeadLoss``)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(x, weight, targets, label_smoothing, chunk)
+    w = weight.to(x.dtype)
+    total = sum(_token_losses(torch.log_softmax((x[:, i:i + chunk] @ w.T).float(), dim=-1),
+                              targets[:, i:i + chunk], label_smoothing).sum()
+                for i in range(0, x.shape[1], chunk))
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class SWAMLA(nn.Module):
@@ -150,8 +193,8 @@ class SWAMLA(nn.Module):
                 x = block(x, ropes, positions)
         x = self.transformer.ln_f(x)
         if targets is not None and self.loss_chunk and T > self.loss_chunk:
-            return None, chunked_cross_entropy(self._head, x, targets, cfg.label_smoothing,
-                                               self.loss_chunk)
+            return None, chunked_cross_entropy(self.transformer.wte.weight, x, targets,
+                                               cfg.label_smoothing, self.loss_chunk)
         logits = self._head(x)
         loss = None
         if targets is not None:

@@ -409,3 +409,36 @@ def test_compiled_model_has_no_graph_breaks(variant):
         explained = torch._dynamo.explain(model)(idx, idx)
     assert explained.graph_break_count == 0, [str(b.reason)[:300] for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_chunked_loss_makes_each_chunks_logits_once():
+    """With a gradient wanted, the head runs three vocabulary-sized matmuls a chunk in the forward
+    pass (the logits and the two gradients from them) and none in the backward pass; without,
+    only the logits one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from swamla.config import load_preset
+
+    cfg = load_preset("tiny", n_layer=2)
+    V = cfg.vocab_size
+
+    class VocabMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm):
+                self.count += any(V in a.shape for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    model = swamla_torch.model.SWAMLA(cfg)
+    model.loss_chunk = 16
+    idx = torch.randint(0, V, (2, 64))  # 4 chunks
+    with VocabMatmuls() as fwd:
+        loss = model(idx, idx)[1]
+    with VocabMatmuls() as bwd:
+        loss.backward()
+    with torch.no_grad(), VocabMatmuls() as evaluation:
+        model(idx, idx)
+    assert (fwd.count, bwd.count, evaluation.count) == (12, 0, 4)
