@@ -140,9 +140,8 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
 
     from swamla.train_config import parse_args
     from swamla_torch import distributed
-    from swamla_torch.fp8 import use_fp8_linears
-    from swamla_torch.model import SWAMLA
     from swamla_torch.optim import build_optimizer
+    from swamla_torch.train import build_model
 
     cfg = parse_args(_train_flags(preset, seq, batch, dtype, remat, extra)
                      + (["--compile"] if compile_model else []))
@@ -151,12 +150,8 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
     if env.world_size != devices:
         raise ValueError(f"case asks for {devices} GPUs, torchrun started {env.world_size}")
     torch.manual_seed(0)
-    raw = SWAMLA(cfg.model).to(env.device)
-    raw.check_inputs = False
-    raw.gradient_checkpointing = remat != "none"
-    if dtype == "fp8":
-        use_fp8_linears(raw)
-    impl = raw.set_attention_impl("auto", env.device, torch.bfloat16)
+    raw, impl = build_model(cfg, env.device)  # as train_torch.py builds it (loss chunks, FP8...)
+    raw = raw.to(env.device)
     cuda = env.device.type == "cuda"  # CPU runs (gloo) only check the launch path
     par = distributed.parallelize(raw, cfg, env)
     opt = build_optimizer(raw.named_parameters(), cfg, env.device)  # as train_torch.py builds it

@@ -86,6 +86,23 @@ def train(cfg: TrainConfig) -> dict:
         distributed.teardown(env)
 
 
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SWAMLA, str]:
+    """The model as training runs it (on the CPU, not yet wrapped) and the attention kernel
+    chosen for ``device``: one place, shared with ``benchmarks/bench_train.py``."""
+    raw = SWAMLA(cfg.model)
+    raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
+    raw.gradient_checkpointing = cfg.gradient_checkpointing
+    raw.loss_chunk = cfg.loss_chunk
+    if cfg.use_fp8:  # block projections as FP8 GEMMs (torch._scaled_mm), swamla_torch.fp8
+        use_fp8_linears(raw)
+    compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+    try:
+        impl = raw.set_attention_impl(cfg.attention_impl, device, compute_dtype)
+    except ValueError as e:  # e.g. 'cudnn' (JAX only), or 'flex' with dropout
+        raise ConfigError(str(e)) from e
+    return raw, impl
+
+
 class _Run:
     """One training run's state; ``run()`` is the loop."""
 
@@ -98,18 +115,8 @@ class _Run:
         self.bad_total = self.resume.meta["bad_steps"] if self.resume else 0
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        raw = SWAMLA(cfg.model)
-        raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
-        raw.gradient_checkpointing = cfg.gradient_checkpointing
-        raw.loss_chunk = cfg.loss_chunk
-        if cfg.use_fp8:  # block projections as FP8 GEMMs (torch._scaled_mm), swamla_torch.fp8
-            use_fp8_linears(raw)
+        raw, self.attention_impl = build_model(cfg, env.device)
         compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
-        try:
-            self.attention_impl = raw.set_attention_impl(cfg.attention_impl, env.device,
-                                                         compute_dtype)
-        except ValueError as e:  # e.g. 'cudnn' (JAX only), or 'flex' with dropout
-            raise ConfigError(str(e)) from e
         if self.resume:
             self._check_resume(self.resume)
             load_portable_tensors(raw, self.resume.params, str(self.resume.path))

@@ -53,6 +53,19 @@ def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     assert "| jax:tiny:64:bf16+scan_layers=true | 1 | 2 |" in table and "failed:" in table
 
 
+def test_a_torch_case_times_the_model_the_trainer_builds():
+    """The loss chunking, FP8 and remat settings a torch case times are the trainer's own."""
+    from swamla_torch.fp8 import Fp8Linear
+
+    with bench_train.torch_setup("tiny", 64, 2, "fp8", "full", ["loss_chunk=16"],
+                                 compile_model=False) as t:
+        raw = t.par.raw
+        assert raw.loss_chunk == t.cfg.loss_chunk == 16
+        assert raw.gradient_checkpointing and not raw.check_inputs
+        assert any(isinstance(m, Fp8Linear) for m in raw.modules())
+        assert float(t.step()) > 0
+
+
 def test_a_case_stopped_by_its_timeout_says_what_it_was_doing(tmp_path):
     assert bench_train.timeout_error(120, None) == (
         "timed out after 120 s while starting (imports, devices)")
