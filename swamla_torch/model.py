@@ -88,11 +88,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             xc, tc = x[:, start:start + chunk], targets[:, start:start + chunk]
             logp = torch.log_softmax((xc @ w.T).float(), dim=-1)  # (B, chunk, V)
             total = total + _token_losses(logp, tc, label_smoothing).sum()
-            if want_grad:
-                target = torch.nn.functional.one_hot(torch.where(tc == IGNORE_INDEX, 0, tc), V)
-                d_logits = logp.exp() - torch.where(target.bool(), on, off)
-                d_logits = (torch.where(valid[:, start:start + chunk, None], d_logits, 0.0)
-                            / count).to(x.dtype)
+            if want_grad:  # softmax - smoothed one-hot, in place of the log-probabilities
+                vc = valid[:, start:start + chunk, None]
+                target = torch.where(vc, tc[..., None], 0)
+                d_logits = logp.exp_().sub_(off).scatter_add_(
+                    -1, target, torch.full_like(target, off - on, dtype=logp.dtype))
+                d_logits = (torch.where(vc, d_logits, 0.0) / count).to(x.dtype)
                 dx[:, start:start + chunk] = d_logits @ w
                 dw += (d_logits.flatten(0, 1).T @ xc.flatten(0, 1)).float()
         if want_grad:

@@ -440,5 +440,6 @@ def test_chunked_loss_makes_each_chunks_logits_once():
     with VocabMatmuls() as bwd:
         loss.backward()
     with torch.no_grad(), VocabMatmuls() as evaluation:
-        model(idx, idx)
+        eval_loss = model(idx, idx)[1]
     assert (fwd.count, bwd.count, evaluation.count) == (12, 0, 4)
+    torch.testing.assert_close(eval_loss, loss.detach(), rtol=1e-6, atol=0)
