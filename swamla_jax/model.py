@@ -146,14 +146,20 @@ def _chunk_lse(logits):
     return m + jnp.log(s)
 
 
+def _chunk_loss(xc, emb, tc, label_smoothing):
+    """One chunk's summed loss, with its float32 logits (B, chunk, V) and their log-sum-exp."""
+    logits = _chunk_logits(xc, emb)
+    lse = _chunk_lse(logits)
+    return _token_losses(logits, lse, tc, label_smoothing).sum(), logits, lse
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _head_loss_sum(xs, emb, ts, label_smoothing: float):
     """Summed SPEC 5 loss of the tied head over targets != -100; xs (n, B, chunk, C) and ts
     (n, B, chunk) are the positions split into n chunks, taken one at a time."""
     def body(total, xs_):
         xc, tc = xs_
-        logits = _chunk_logits(xc, emb)  # (B, chunk, V) float32, this chunk only
-        return total + _token_losses(logits, _chunk_lse(logits), tc, label_smoothing).sum(), None
+        return total + _chunk_loss(xc, emb, tc, label_smoothing)[0], None
 
     return jax.lax.scan(body, jnp.zeros([], f32), (xs, ts))[0]
 
@@ -174,9 +180,8 @@ def _head_loss_fwd(xs, emb, ts, label_smoothing):
     def body(carry, xs_):
         total, d_emb = carry
         xc, tc = xs_
-        logits = _chunk_logits(xc, emb)
-        lse = _chunk_lse(logits)
-        total = total + _token_losses(logits, lse, tc, label_smoothing).sum()
+        loss, logits, lse = _chunk_loss(xc, emb, tc, label_smoothing)
+        total = total + loss
         valid = (tc != IGNORE_INDEX)[..., None]
         target = jnp.arange(V) == tc[..., None]
         d_logits = jnp.exp(logits - lse[..., None]) - jnp.where(target, on, off)

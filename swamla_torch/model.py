@@ -74,12 +74,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, label_smoothing: float, chunk: int):
+    def forward(ctx, x, weight, targets, label_smoothing: float, chunk: int, want_grad: bool):
         w = weight.to(x.dtype)  # (V, C) tied embedding in the compute dtype
         V = w.shape[0]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = x.new_zeros((), dtype=torch.float32)
         dx = torch.empty_like(x) if want_grad else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_grad else None
@@ -103,19 +102,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         dx, dw = ctx.saved_tensors
-        return g * dx, g * dw, None, None, None
+        return g * dx, g * dw, None, None, None, None
 
 
 def chunked_cross_entropy(weight, x, targets, label_smoothing: float, chunk: int):
     """SPEC 5 mean loss through the tied head ``weight`` (V, C) over sequence chunks: float32
-    logits exist for one chunk at a time and are never recomputed (``_ChunkedHeadLoss``)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedHeadLoss.apply(x, weight, targets, label_smoothing, chunk)
-    w = weight.to(x.dtype)
-    total = sum(_token_losses(torch.log_softmax((x[:, i:i + chunk] @ w.T).float(), dim=-1),
-                              targets[:, i:i + chunk], label_smoothing).sum()
-                for i in range(0, x.shape[1], chunk))
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    logits exist for one chunk at a time and are never recomputed (``_ChunkedHeadLoss``). The
+    gradients are computed only when autograd will ask for them (not under ``no_grad``)."""
+    want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _ChunkedHeadLoss.apply(x, weight, targets, label_smoothing, chunk, want_grad)
 
 
 class SWAMLA(nn.Module):

@@ -86,6 +86,10 @@ def train(cfg: TrainConfig) -> dict:
         distributed.teardown(env)
 
 
+def _compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SWAMLA, str]:
     """The model as training runs it (on the CPU, not yet wrapped) and the attention kernel
     chosen for ``device``: one place, shared with ``benchmarks/bench_train.py``."""
@@ -95,9 +99,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SWAMLA, str]:
     raw.loss_chunk = cfg.loss_chunk
     if cfg.use_fp8:  # block projections as FP8 GEMMs (torch._scaled_mm), swamla_torch.fp8
         use_fp8_linears(raw)
-    compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
     try:
-        impl = raw.set_attention_impl(cfg.attention_impl, device, compute_dtype)
+        impl = raw.set_attention_impl(cfg.attention_impl, device, _compute_dtype(cfg))
     except ValueError as e:  # e.g. 'cudnn' (JAX only), or 'flex' with dropout
         raise ConfigError(str(e)) from e
     return raw, impl
@@ -116,7 +119,7 @@ class _Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         raw, self.attention_impl = build_model(cfg, env.device)
-        compute_dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+        compute_dtype = _compute_dtype(cfg)
         if self.resume:
             self._check_resume(self.resume)
             load_portable_tensors(raw, self.resume.params, str(self.resume.path))
