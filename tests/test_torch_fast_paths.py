@@ -1,0 +1,145 @@
+"""The PyTorch speed paths on a real GPU against the float32 reference path: FlexAttention for
+SWA + sink, SDPA for MLA, the bf16 model, and FP8 linears through ``torch._scaled_mm``.
+
+The CPU tests elsewhere check the math of the same code (reference attention, the FP8 recipe
+with CPU ``_scaled_mm``); these need the CUDA kernels themselves and skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import swamla_torch as st
+from swamla.config import load_preset
+from swamla_torch.attention import attention
+
+cuda = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not cuda, reason="needs a CUDA GPU")
+pytestmark = [gpu, pytest.mark.gpu]
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _attention_and_grads(q, k, v, cot, impl, dtype, **mask):
+    ins = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+    out = attention(*ins, scale=q.shape[-1] ** -0.5, impl=impl, **mask)
+    (out.float() * cot).sum().backward()
+    return out, [t.grad for t in ins]
+
+
+# Windows that are not a multiple of FlexAttention's 128-wide tiles put the window edge inside a
+# tile, where the block mask must fall back to the element mask; an off-by-one there (i - j <=
+# window) changes one key per row: 0.08-0.16 relative error here, against bf16's ~0.005.
+@pytest.mark.parametrize("window,sink,kv_heads", [(256, 4, 8), (200, 4, 2), (130, 0, 8)])
+def test_flex_swa_matches_reference(window, sink, kv_heads):
+    g = torch.Generator().manual_seed(window)
+    B, T, H, D = 2, 1024, 8, 64
+    q = torch.randn(B, T, H, D, generator=g).cuda()
+    k, v = (torch.randn(B, T, kv_heads, D, generator=g).cuda() for _ in range(2))
+    cot = torch.randn(B, T, H, D, generator=g).cuda()
+    fast, g_fast = _attention_and_grads(q, k, v, cot, "flex", torch.bfloat16, window=window,
+                                        sink=sink)
+    ref, g_ref = _attention_and_grads(q, k, v, cot, "reference", torch.float32, window=window,
+                                      sink=sink)
+    assert fast.dtype == torch.bfloat16 and rel(fast, ref) < 2e-2
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        assert rel(a, b) < 3e-2, name
+    shifted = attention(q, k, v, scale=D ** -0.5, window=window + 1, sink=sink)
+    assert rel(shifted, ref) > 0.05  # the output check above tells the window off by one
+
+
+def test_sdpa_mla_matches_reference():
+    """MLA's shapes: qk 192 (nope 128 + rope 64), v 128, causal, no window."""
+    g = torch.Generator().manual_seed(5)
+    B, T, H = 2, 1024, 8
+    q, k = (torch.randn(B, T, H, 192, generator=g).cuda() for _ in range(2))
+    v = torch.randn(B, T, H, 128, generator=g).cuda()
+    cot = torch.randn(B, T, H, 128, generator=g).cuda()
+    fast, g_fast = _attention_and_grads(q, k, v, cot, "flex", torch.bfloat16)
+    ref, g_ref = _attention_and_grads(q, k, v, cot, "reference", torch.float32)
+    assert rel(fast, ref) < 2e-2
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        assert rel(a, b) < 3e-2, name
+
+
+def _small_shaped():
+    return load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
+
+
+def test_bf16_model_logits_match_float32():
+    """Mean per-token KL(p_fp32 || p_bf16) <= 1e-3, the fast kernels against the reference."""
+    cfg = _small_shaped()
+    model = st.from_config(cfg, seed=0).cuda().eval()
+    idx = torch.from_numpy(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 1024))).cuda()
+    with torch.no_grad():
+        lp32 = torch.log_softmax(model(idx)[0].float(), -1)
+        # as the trainer runs it: float32 parameters, bfloat16 autocast, the fast kernels
+        assert model.set_attention_impl("auto", "cuda", torch.bfloat16) == "flex"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp16 = torch.log_softmax(model(idx)[0].float(), -1)
+    kl = (lp32.exp() * (lp32 - lp16)).sum(-1).mean()
+    assert float(kl) <= 1e-3
+
+
+def test_fp8_linear_runs_the_fp8_gemm_and_matches():
+    """On the GPU the FP8 linear's three matmuls are ``_scaled_mm`` calls on float8 operands."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from swamla_torch.fp8 import Fp8Linear
+
+    class ScaledMMs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_mm.default:
+                self.dtypes.append((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(256, 512, bias=False).cuda()
+    fp8 = torch.nn.Linear(256, 512, bias=False).cuda()
+    fp8.load_state_dict(ref.state_dict())
+    fp8.__class__ = Fp8Linear
+    x = torch.randn(4, 128, 256, device="cuda")
+    cot = torch.randn(4, 128, 512, device="cuda")
+    x8, xr = x.to(torch.bfloat16).requires_grad_(True), x.clone().requires_grad_(True)
+    with ScaledMMs() as seen:
+        y8 = fp8(x8)
+        (y8.float() * cot).sum().backward()
+    yr = ref(xr)
+    (yr * cot).sum().backward()
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    assert sorted(seen.dtypes, key=str) == sorted([(e4, e4), (e5, e4), (e5, e4)], key=str)
+    assert rel(y8, yr) < 0.08 and rel(x8.grad, xr.grad) < 0.15
+    assert rel(fp8.weight.grad, ref.weight.grad) < 0.15
+
+
+def test_compiled_fp8_training_tracks_bf16(tmp_path):
+    """200 compiled steps of FP8 training end within 2% of the bf16 run's loss (same data, init)."""
+    from swamla.data.synthetic import write_synthetic_shards
+    from swamla.metrics import read_metrics
+    from swamla.train_config import parse_args
+    from swamla_torch.train import train
+
+    shards = write_synthetic_shards(tmp_path / "shards", n_docs=3000, alphabet=2000)
+    final = {}
+    for name, extra in (("bf16", []), ("fp8", ["--use_fp8"])):
+        out = tmp_path / name
+        train(parse_args(["--size", "tiny", "--n_embd", "256", "--n_head", "4", "--n_layer", "6",
+                          "--block_size", "512", "--swa_window", "128", "--batch_size", "8",
+                          "--source", "shards", "--train_paths", str(shards), "--max_iters",
+                          "200", "--warmup_iters", "20", "--learning_rate", "1e-3", "--compile",
+                          "--log_interval", "1", "--eval_interval", "1000", "--no-progress_bar",
+                          "--output_dir", str(out), *extra]))
+        curve = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        final[name] = float(np.mean(curve[-20:]))
+        assert final[name] < curve[0] - 1.0, (name, curve[0], final[name])
+    assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final
