@@ -76,7 +76,6 @@ def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0
     return out.transpose(1, 2)  # (B, T, H, V)
 
 
-@functools.lru_cache(maxsize=32)
 def _swa_block_mask(T: int, window: int, sink: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -88,20 +87,31 @@ def _swa_block_mask(T: int, window: int, sink: int, device: str):
 
 def _fast_attention(q, k, v, scale, window, sink):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    gqa = kh.shape[1] != qh.shape[1]
     if window is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=kh.shape[1] != qh.shape[1])
-    else:
+                                             enable_gqa=gqa)
+    elif torch.compiler.is_compiling():
+        # Inside the compiled model: the block mask becomes part of the graph (a few tiny
+        # kernels a step) and flex_attention is lowered to its fused kernel with the rest. Dynamo
+        # cannot honour an lru_cache here; calling the cached helpers would only warn.
+        from torch.nn.attention.flex_attention import flex_attention
 
         mask = _swa_block_mask(q.shape[1], window, sink, str(q.device))
-        out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale,
-                               enable_gqa=kh.shape[1] != qh.shape[1])
+        out = flex_attention(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa)
+    else:
+        mask = _cached_swa_block_mask(q.shape[1], window, sink, str(q.device))
+        out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+_cached_swa_block_mask = functools.lru_cache(maxsize=32)(_swa_block_mask)
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    """flex_attention only runs its fused kernel compiled; eager it materializes the scores."""
+    """Eager calls: flex_attention only runs its fused kernel compiled; eager it materializes
+    the scores."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)

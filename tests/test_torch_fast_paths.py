@@ -1,8 +1,8 @@
-"""The PyTorch speed paths on a real GPU against the float32 reference path: FlexAttention for
-SWA + sink, SDPA for MLA, the bf16 model, and FP8 linears through ``torch._scaled_mm``.
+"""The PyTorch speed paths against the float32 reference path: FlexAttention for SWA + sink,
+SDPA for MLA, the bf16 model, and FP8 linears through ``torch._scaled_mm``.
 
-The CPU tests elsewhere check the math of the same code (reference attention, the FP8 recipe
-with CPU ``_scaled_mm``); these need the CUDA kernels themselves and skip without a GPU.
+Most need the CUDA kernels themselves and skip without a GPU; the CPU tests elsewhere check the
+math of the same code (reference attention, the FP8 recipe with CPU ``_scaled_mm``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import swamla_torch as st
 from swamla.config import load_preset
 from swamla_torch.attention import attention
 
-cuda = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not cuda, reason="needs a CUDA GPU")
-pytestmark = [gpu, pytest.mark.gpu]
+
+def gpu(test):
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return skip(pytest.mark.gpu(test))
 
 
 def rel(a, b):
@@ -36,6 +37,7 @@ def _attention_and_grads(q, k, v, cot, impl, dtype, **mask):
 # Windows that are not a multiple of FlexAttention's 128-wide tiles put the window edge inside a
 # tile, where the block mask must fall back to the element mask; an off-by-one there (i - j <=
 # window) changes one key per row: 0.08-0.16 relative error here, against bf16's ~0.005.
+@gpu
 @pytest.mark.parametrize("window,sink,kv_heads", [(256, 4, 8), (200, 4, 2), (130, 0, 8)])
 def test_flex_swa_matches_reference(window, sink, kv_heads):
     g = torch.Generator().manual_seed(window)
@@ -54,6 +56,7 @@ def test_flex_swa_matches_reference(window, sink, kv_heads):
     assert rel(shifted, ref) > 0.05  # the output check above tells the window off by one
 
 
+@gpu
 def test_sdpa_mla_matches_reference():
     """MLA's shapes: qk 192 (nope 128 + rope 64), v 128, causal, no window."""
     g = torch.Generator().manual_seed(5)
@@ -72,6 +75,7 @@ def _small_shaped():
     return load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
 
 
+@gpu
 def test_bf16_model_logits_match_float32():
     """Mean per-token KL(p_fp32 || p_bf16) <= 1e-3, the fast kernels against the reference."""
     cfg = _small_shaped()
@@ -87,6 +91,7 @@ def test_bf16_model_logits_match_float32():
     assert float(kl) <= 1e-3
 
 
+@gpu
 def test_fp8_linear_runs_the_fp8_gemm_and_matches():
     """On the GPU the FP8 linear's three matmuls are ``_scaled_mm`` calls on float8 operands."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -122,6 +127,7 @@ def test_fp8_linear_runs_the_fp8_gemm_and_matches():
     assert rel(fp8.weight.grad, ref.weight.grad) < 0.15
 
 
+@gpu
 def test_compiled_fp8_training_tracks_bf16(tmp_path):
     """200 compiled steps of FP8 training end within 2% of the bf16 run's loss (same data, init)."""
     from swamla.data.synthetic import write_synthetic_shards
@@ -143,3 +149,22 @@ def test_compiled_fp8_training_tracks_bf16(tmp_path):
         final[name] = float(np.mean(curve[-20:]))
         assert final[name] < curve[0] - 1.0, (name, curve[0], final[name])
     assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final
+
+
+@pytest.mark.parametrize("window", [24, 25])
+def test_compiled_model_with_flex_matches_reference(window):
+    """The compiled model builds FlexAttention's block mask inside its graph (a separate branch
+    from eager calls): its logits match the float32 reference, and not a window one wider.
+    FlexAttention's forward runs on CPU; its backward needs a GPU."""
+    cfg = load_preset("tiny", n_layer=3, block_size=128, swa_window=window)
+    model = st.from_config(cfg, seed=0).eval()
+    wider = st.from_config(cfg.replace(swa_window=window + 1), seed=0).eval()
+    idx = torch.from_numpy(np.random.default_rng(window).integers(0, cfg.vocab_size, (2, 128)))
+    with torch.no_grad():
+        ref, off_by_one = model(idx)[0], wider(idx)[0]
+        assert model.set_attention_impl("flex", "cpu", torch.bfloat16) == "flex"
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = torch.compile(model)(idx)[0]
+    assert rel(fast, ref) < 1.5e-2  # bf16: ~0.005
+    assert rel(off_by_one, ref) > 3e-2  # ~0.04: the check above tells a window off by one
