@@ -311,23 +311,9 @@ def test_fp8_gemms_are_in_the_compiled_hlo():
 
 @gpu
 @pytest.mark.gpu
-def test_fp8_training_tracks_bf16(tmp_path):
+def test_fp8_training_tracks_bf16(fp8_and_bf16_runs):
     """200 steps of FP8 training end within 2% of the bf16 run's loss (same data and init)."""
-    from swamla.data.synthetic import write_synthetic_shards
-    from swamla.metrics import read_metrics
-    from swamla.train_config import parse_args
     from swamla_jax.train import train
 
-    shards = write_synthetic_shards(tmp_path / "shards", n_docs=3000, alphabet=2000)
-    final = {}
-    for name, extra in (("bf16", []), ("fp8", ["--use_fp8"])):
-        out = tmp_path / name
-        train(parse_args(["--size", "tiny", "--n_embd", "256", "--n_head", "4", "--n_layer", "6",
-                          "--block_size", "512", "--swa_window", "128", "--batch_size", "8",
-                          "--source", "shards", "--train_paths", str(shards), "--max_iters",
-                          "200", "--warmup_iters", "20", "--learning_rate", "1e-3",
-                          "--log_interval", "1", "--eval_interval", "1000", "--no-progress_bar",
-                          "--output_dir", str(out), *extra]))
-        curve = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-        final[name] = float(np.mean(curve[-20:]))
+    final = {name: last for name, (_, last) in fp8_and_bf16_runs(train).items()}
     assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final

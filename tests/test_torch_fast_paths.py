@@ -128,26 +128,14 @@ def test_fp8_linear_runs_the_fp8_gemm_and_matches():
 
 
 @gpu
-def test_compiled_fp8_training_tracks_bf16(tmp_path):
+def test_compiled_fp8_training_tracks_bf16(fp8_and_bf16_runs):
     """200 compiled steps of FP8 training end within 2% of the bf16 run's loss (same data, init)."""
-    from swamla.data.synthetic import write_synthetic_shards
-    from swamla.metrics import read_metrics
-    from swamla.train_config import parse_args
     from swamla_torch.train import train
 
-    shards = write_synthetic_shards(tmp_path / "shards", n_docs=3000, alphabet=2000)
-    final = {}
-    for name, extra in (("bf16", []), ("fp8", ["--use_fp8"])):
-        out = tmp_path / name
-        train(parse_args(["--size", "tiny", "--n_embd", "256", "--n_head", "4", "--n_layer", "6",
-                          "--block_size", "512", "--swa_window", "128", "--batch_size", "8",
-                          "--source", "shards", "--train_paths", str(shards), "--max_iters",
-                          "200", "--warmup_iters", "20", "--learning_rate", "1e-3", "--compile",
-                          "--log_interval", "1", "--eval_interval", "1000", "--no-progress_bar",
-                          "--output_dir", str(out), *extra]))
-        curve = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-        final[name] = float(np.mean(curve[-20:]))
-        assert final[name] < curve[0] - 1.0, (name, curve[0], final[name])
+    runs = fp8_and_bf16_runs(train, "--compile")
+    for name, (first, last) in runs.items():
+        assert last < first - 1.0, (name, first, last)
+    final = {name: last for name, (_, last) in runs.items()}
     assert abs(final["fp8"] - final["bf16"]) <= 0.02 * final["bf16"], final
 
 
