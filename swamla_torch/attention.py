@@ -85,6 +85,9 @@ def _swa_block_mask(T: int, window: int, sink: int, device: str):
     return create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+_cached_swa_block_mask = functools.lru_cache(maxsize=32)(_swa_block_mask)  # eager calls
+
+
 def _fast_attention(q, k, v, scale, window, sink):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     gqa = kh.shape[1] != qh.shape[1]
@@ -103,9 +106,6 @@ def _fast_attention(q, k, v, scale, window, sink):
         mask = _cached_swa_block_mask(q.shape[1], window, sink, str(q.device))
         out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
-
-
-_cached_swa_block_mask = functools.lru_cache(maxsize=32)(_swa_block_mask)
 
 
 @functools.lru_cache(maxsize=1)

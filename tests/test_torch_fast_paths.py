@@ -71,14 +71,10 @@ def test_sdpa_mla_matches_reference():
         assert rel(a, b) < 3e-2, name
 
 
-def _small_shaped():
-    return load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
-
-
 @gpu
 def test_bf16_model_logits_match_float32():
     """Mean per-token KL(p_fp32 || p_bf16) <= 1e-3, the fast kernels against the reference."""
-    cfg = _small_shaped()
+    cfg = load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
     model = st.from_config(cfg, seed=0).cuda().eval()
     idx = torch.from_numpy(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 1024))).cuda()
     with torch.no_grad():
