@@ -14,9 +14,16 @@ scaling). ``+field=value`` overrides any training/model flag for ablations
 
 Each case runs in its own process (JAX preallocates GPU memory; one framework must not hold
 memory while the other measures) and times whole optimizer steps (forward, backward, clipping,
-AdamW) on random tokens after warm-up. MFU = 6 * params * tokens/s per GPU / peak (GPU.md's
-definition; tied embedding counted once). For JAX FP8 cases the count of cuBLASLt FP8 GEMMs in
+AdamW) on random tokens after warm-up. For JAX FP8 cases the count of cuBLASLt FP8 GEMMs in
 the compiled HLO is reported, so a silent fallback to bf16 shows.
+
+MFU (``swamla.flops.mfu``) = 6 * n_params * tokens/s per GPU / peak, where n_params is
+``swamla.config.count_params`` (the true count, tied embedding counted once; attention
+score/value matmuls not counted) and peak is one card's dense bf16 datasheet peak from
+``swamla.flops.peak_flops`` (989e12 FLOP/s for H100 SXM and H200). FP8 cases are measured
+against the same bf16 peak. CPUs and unknown cards have no peak: MFU n/a.
+
+The exit status is 1 when any case failed (its row and the last line say which), else 0.
 """
 
 from __future__ import annotations
@@ -263,8 +270,9 @@ def markdown(rows: list[dict]) -> str:
             "compile s | FP8 GEMMs | loss |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | | | failed: {r['error'][:80]} | | | | | | | |")
+        if "error" in r:  # the whole message, as one table cell
+            error = " ".join(r["error"].split()).replace("|", "\\|")
+            lines.append(f"| {r['case']} | | | failed: {error} | | | | | | | |")
             continue
         mfu_s = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
         fp8 = r["fp8_gemms"] if r["fp8_gemms"] is not None else "-"
@@ -275,7 +283,8 @@ def markdown(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Runs the cases; returns 1 if any failed, else 0."""
     global _CHILD
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -296,7 +305,7 @@ def main(argv=None):
         result = run_case(args.cases[0], args.batch, args.steps, args.remat, not args.no_compile)
         if result.pop("is_main", True):
             print("RESULT " + json.dumps(result), flush=True)
-        return
+        return 0
     for case in args.cases:  # every case checked before the first one runs
         case_batch(parse_case(case)[2], args.batch)
     rows = []
@@ -329,8 +338,14 @@ def main(argv=None):
     table = markdown(rows)
     if args.md:
         Path(args.md).write_text(table)
-    print(table)
+    print(table, flush=True)
+    failed = [r["case"] for r in rows if "error" in r]
+    if failed:
+        print(f"error: {len(failed)} of {len(rows)} cases failed: {', '.join(failed)} (see their "
+              "rows above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -310,6 +310,20 @@ def check_token_ids(idx, vocab_size: int) -> None:
                          f"max {hi}: the data was tokenized for a different vocabulary")
 
 
+def check_target_ids(targets, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise if a target other than ``ignore_index`` lies outside [0, vocab_size): the loss's
+    gather would give NaN (JAX, too large), another class's log-probability (JAX, negative) or
+    an index error (PyTorch; on CUDA a device assert)."""
+    import numpy as np
+
+    t = np.asarray(targets)
+    t = t[t != ignore_index]
+    if t.size and (t.min() < 0 or t.max() >= vocab_size):
+        raise ValueError(f"targets must lie in [0, {vocab_size}) (vocab_size) or be {ignore_index} "
+                         f"(no loss), got min {t.min()} max {t.max()}: the data was tokenized "
+                         "for a different vocabulary")
+
+
 def check_sequence_length(T: int, block_size: int) -> None:
     if T > block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {block_size}; "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from swamla.config import ModelConfig, check_token_ids, resolve_config
+from swamla.config import ModelConfig, check_target_ids, check_token_ids, resolve_config
 from swamla.portable import CheckpointError, check_tensors, load_portable, save_portable
 from swamla_jax.model import SWAMLA
 
@@ -108,6 +108,8 @@ class Model:
     def __call__(self, idx, targets=None, *, train: bool = False, rng=None):
         """(logits, loss) for token ids (B, T); ``train=True`` applies dropout with ``rng``."""
         check_token_ids(idx, self.config.vocab_size)
+        if targets is not None:
+            check_target_ids(targets, self.config.vocab_size)
         if train and self.config.dropout > 0.0 and rng is None:
             raise ValueError("train=True with dropout > 0 needs rng=jax.random.key(...)")
         return self._apply(self.params, jnp.asarray(idx),

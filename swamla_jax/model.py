@@ -20,11 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
+from swamla.config import (BlockKind, ModelConfig, check_sequence_length, check_target_ids,
+                           check_token_ids)
 from swamla_jax.attention import MLAttention, SWAttention, resolve_attention_impl
 from swamla_jax.layers import Dtype, Embed, SwiGLU, block_norm, f32, rope_tables
 
 IGNORE_INDEX = -100
+
 
 # Remat policies by name (jax.checkpoint_policies): what the backward pass may keep.
 REMAT_POLICIES = {
@@ -248,6 +250,8 @@ class SWAMLA(nn.Module):
         check_sequence_length(T, cfg.block_size)
         if not isinstance(idx, jax.core.Tracer):  # under jit the trainer checks on the host
             check_token_ids(idx, cfg.vocab_size)
+        if targets is not None and not isinstance(targets, jax.core.Tracer):
+            check_target_ids(targets, cfg.vocab_size)
         positions = jnp.arange(T)
         ropes = (rope_tables(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_factor),
                  rope_tables(cfg.qk_rope_head_dim, positions, cfg.rope_theta, cfg.rope_factor))

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 
-from swamla.sampling import (GREEDY, NO_TOKEN, GenerationResult, PromptBatch, SamplingParams,
-                             build_parser, plan_batch, run_cli)
+from swamla.sampling import (GREEDY, NO_TOKEN, GenerationError, GenerationResult, PromptBatch,
+                             SamplingParams, build_parser, plan_batch, run_cli)
 from swamla_torch.cache import cache_nbytes, cache_tensors, forward_chunk, init_cache, logits
 from swamla_torch.model import SWAMLA
 
@@ -194,15 +194,45 @@ def _load_any(path, **config_overrides) -> SWAMLA:
     return load_portable_tensors(model.to_empty(device="cpu"), tensors, str(path))
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device ``--device`` names; GenerationError saying why if this machine has none
+    (torch itself would fail later with an AssertionError or a CUDA error)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise GenerationError(f"--device {name!r} is not a torch device name; use --device cpu, "
+                              "cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch has no CUDA (a CPU-only build)" if torch.version.cuda is None
+                   and torch.version.hip is None else
+                   "torch finds no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise GenerationError(f"--device {name} but {why}; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise GenerationError(f"--device {name} but only {count} CUDA device(s) are visible; "
+                                  f"use --device cuda:0 .. cuda:{count - 1}")
+    elif dev.type != "cpu":
+        try:  # mps, xpu...: the backend's own availability test, whatever its name
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            first = str(e).split(". ")[0].splitlines()[0]  # torch may append a page of backends
+            raise GenerationError(f"--device {name} is not usable here ({first}); use --device "
+                                  "cpu") from None
+    return dev
+
+
 def main(argv=None) -> int:
     parser = build_parser("python -m swamla_torch.generate", __doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     args = parser.parse_args(argv)
 
     def load(args):
         overrides = {} if args.block_size is None else {"block_size": args.block_size}
-        model = _load_any(args.checkpoint, **overrides).to(args.device).eval()
+        device = check_device(args.device)  # before the checkpoint is read
+        model = _load_any(args.checkpoint, **overrides).to(device).eval()
         return model.to(torch.bfloat16) if args.dtype == "bfloat16" else model
 
     def gen(model, prompts, sampling, eos_id, vocab_limit, on_token):

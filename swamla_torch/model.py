@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from swamla.config import BlockKind, ModelConfig, check_sequence_length, check_token_ids
+from swamla.config import (BlockKind, ModelConfig, check_sequence_length, check_target_ids,
+                           check_token_ids)
 from swamla_torch.attention import MLAttention, SWAttention, resolve_attention_impl
 from swamla_torch.layers import DynamicTanh, RMSNorm, SwiGLU, block_norm, rope_tables
 
@@ -175,6 +176,8 @@ class SWAMLA(nn.Module):
         check_sequence_length(T, cfg.block_size)
         if self.check_inputs and not torch.compiler.is_compiling():  # a host sync: no graph break
             check_token_ids(idx.detach().cpu().numpy(), cfg.vocab_size)
+            if targets is not None:
+                check_target_ids(targets.detach().cpu().numpy(), cfg.vocab_size)
         positions = torch.arange(T, device=idx.device)
         ropes = {
             BlockKind.SWA: rope_tables(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_factor),

@@ -39,9 +39,10 @@ def test_long_cases_keep_the_tokens_per_step_or_refuse():
 
 def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    bench_train.main(["--cases", "jax:tiny:64:bf16+scan_layers=true", "jax:nope:64:bf16",
-                      "torch:tiny:64:bf16", "--no-compile", "--batch", "2", "--steps", "2",
-                      "--out", str(out), "--md", str(md)])
+    rc = bench_train.main(["--cases", "jax:tiny:64:bf16+scan_layers=true", "jax:nope:64:bf16",
+                           "torch:tiny:64:bf16", "--no-compile", "--batch", "2", "--steps", "2",
+                           "--out", str(out), "--md", str(md)])
+    assert rc == 1  # one case failed
     ok, failed, torch_row = json.loads(out.read_text())
     assert torch_row["framework"] == "torch" and torch_row["rows"] == 2
     assert torch_row["tokens_per_s"] > 0 and torch_row["wrap"] == "none"
@@ -51,6 +52,60 @@ def test_a_tiny_benchmark_runs_and_writes_json_and_markdown(tmp_path):
     assert "unknown preset" in failed["error"]  # a broken case is reported, the rest still run
     table = md.read_text()
     assert "| jax:tiny:64:bf16+scan_layers=true | 1 | 2 |" in table and "failed:" in table
+
+
+def _fake_case(monkeypatch, outcomes):
+    """Cases run as ``outcomes[case]`` says, without a child process: a result row (dict) or
+    the last line of a failed child's stderr (str)."""
+    import subprocess
+
+    def run(cmd, **kwargs):
+        case = cmd[cmd.index("--cases") + 1]
+        got = outcomes[case]
+        if isinstance(got, dict):
+            return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(got), "")
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\n" + got + "\n")
+
+    monkeypatch.setattr(bench_train.subprocess, "run", run)
+
+
+def test_exit_status_says_whether_every_case_ran(tmp_path, monkeypatch, capsys):
+    ok = dict(case="jax:tiny:64:bf16", devices=1, batch=2, tokens_per_s=1e4,
+              tokens_per_s_per_gpu=1e4, mfu=None, step_s=0.01, peak_gib=0.0, compile_s=1.0,
+              fp8_gemms=0, loss=10.0)
+    error = ("swamla.config.ConfigError: unknown preset 'tinyy'; choose one of ['tiny', 'small'] "
+             "| or pass a config file path, did you mean 'tiny'? " + "x" * 100)
+    _fake_case(monkeypatch, {"jax:tiny:64:bf16": ok, "torch:tinyy:64:bf16": error})
+    out, md = str(tmp_path / "b.json"), tmp_path / "b.md"
+    assert bench_train.main(["--cases", "jax:tiny:64:bf16", "--out", out]) == 0
+    assert "failed" not in capsys.readouterr().err
+    assert bench_train.main(["--cases", "torch:tinyy:64:bf16", "--out", out, "--md", str(md)]) == 1
+    assert bench_train.main(["--cases", "jax:tiny:64:bf16", "torch:tinyy:64:bf16",
+                             "--out", out]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: 1 of 2 cases failed: torch:tinyy:64:bf16 (see their rows above)"
+    # the whole message in the table, its '|' escaped so the row keeps its 11 columns
+    (row,) = [line for line in md.read_text().splitlines() if "tinyy" in line]
+    assert error.replace("|", "\\|") in row
+    assert row.replace("\\|", "").count("|") == 12
+
+
+def test_the_mfu_the_docstring_states_is_the_one_computed(monkeypatch):
+    doc = bench_train.__doc__
+    assert "GPU.md" not in doc  # not in this repository: the definition is stated inline
+    assert "6 * n_params * tokens/s per GPU / peak" in doc
+    assert "989e12 FLOP/s for H100 SXM and H200" in doc and "FP8 cases are measured" in doc
+
+    def fake_run(preset, seq, batch, dtype, steps, remat, extra, devices):
+        return dict(rows=batch * devices, step_s=0.5, n_params=100_000_000,
+                    device="NVIDIA H200", fp8_gemms=None)
+
+    monkeypatch.setattr(bench_train, "run_jax", fake_run)
+    for case in ("jax:small:2048:bf16", "jax:small:2048:fp8@4"):
+        r = bench_train.run_case(case, 8, 10, "none", True)
+        per_gpu = 8 * 2048 / 0.5
+        assert r["tokens_per_s_per_gpu"] == per_gpu
+        assert r["mfu"] == pytest.approx(6 * 100_000_000 * per_gpu / 989e12)
 
 
 def test_a_torch_case_times_the_model_the_trainer_builds():

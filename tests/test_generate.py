@@ -367,6 +367,27 @@ def test_cli_errors_exit_2(checkpoints, offline, capsys, tmp_path, backend):
         assert err.startswith("error: ") and message in err, err
 
 
+def test_torch_cli_device_that_is_not_there_exits_2(checkpoints, offline, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch
+    argv = [str(checkpoints / "portable"), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert tg.main(argv + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda but ") and err.rstrip().endswith(
+        "use --device cpu"), err
+    assert tg.main(argv + ["--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a torch device name" in capsys.readouterr().err
+
+
+def test_torch_device_index_beyond_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert tg.check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(GenerationError, match=r"--device cuda:2 but only 2 CUDA device\(s\) are "
+                                              r"visible; use --device cuda:0 .. cuda:1"):
+        tg.check_device("cuda:2")
+    assert tg.check_device("cpu") == torch.device("cpu")
+
+
 def test_prompt_batch_layout():
     cfg = small_cfg(block_size=256)
     batch = plan_batch([[5] * 10, [6] * 23], cfg, 50, prefill_chunk=8)

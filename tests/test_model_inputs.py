@@ -1,0 +1,77 @@
+"""Targets outside the vocabulary get the same clear error as such inputs, in both backends
+(torch's loss would fail with a bare index error, JAX's would be NaN or silently wrong)."""
+
+import numpy as np
+import pytest
+import torch
+
+import swamla_jax as sj
+import swamla_torch as st
+from swamla.config import load_preset
+
+V = 256
+MESSAGE = r"targets must lie in \[0, 256\) \(vocab_size\) or be -100"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_preset("tiny", n_layer=2, block_size=16, vocab_size=V)
+
+
+def _batch(bad=None):
+    idx = np.arange(8, dtype=np.int32)[None] % V
+    targets = np.full((1, 8), 3, np.int32)
+    targets[0, 5] = -100  # no loss here: always allowed
+    if bad is not None:
+        targets[0, 2] = bad
+    return idx, targets
+
+
+@pytest.fixture(scope="module")
+def torch_model(cfg):
+    return st.from_config(cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
+def jax_model(cfg):
+    return sj.from_config(cfg)
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+@pytest.mark.parametrize("bad", [V, V + 1000, -1, -5])
+def test_torch_targets_outside_vocab(torch_model, bad, loss_chunk):
+    idx, targets = _batch(bad)
+    torch_model.loss_chunk = loss_chunk
+    with pytest.raises(ValueError, match=MESSAGE + f".*got min {min(bad, 3)} max {max(bad, 3)}"):
+        torch_model(torch.from_numpy(idx).long(), torch.from_numpy(targets).long())
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_torch_good_targets_pass_and_the_trainer_switch_skips_the_check(torch_model, loss_chunk):
+    torch_model.loss_chunk = loss_chunk
+    idx, targets = (torch.from_numpy(a).long() for a in _batch())
+    _, loss = torch_model(idx, targets)
+    assert torch.isfinite(loss)
+    torch_model.check_inputs = False  # the trainer checks on the host: no device sync here
+    try:
+        with pytest.raises((RuntimeError, IndexError)):  # torch's own error, not ours
+            torch_model(idx, torch.from_numpy(_batch(V)[1]).long())
+    finally:
+        torch_model.check_inputs = True
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+@pytest.mark.parametrize("bad", [V, V + 1000, -1, -5])
+def test_jax_targets_outside_vocab(cfg, jax_model, bad, loss_chunk):
+    idx, targets = _batch(bad)
+    module = sj.SWAMLA(cfg, loss_chunk=loss_chunk)
+    with pytest.raises(ValueError, match=MESSAGE + f".*got min {min(bad, 3)} max {max(bad, 3)}"):
+        module.apply({"params": jax_model.params}, idx, targets)
+    with pytest.raises(ValueError, match=MESSAGE):  # the public call, which jits the module
+        jax_model(idx, targets)
+
+
+def test_jax_good_targets_pass(cfg, jax_model):
+    idx, targets = _batch()
+    _, loss = sj.SWAMLA(cfg).apply({"params": jax_model.params}, idx, targets)
+    assert np.isfinite(float(loss))
