@@ -178,10 +178,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "ModelConfig":
+        """A config from its fields; absent ones take their defaults, unless ``data`` carries
+        ``format_version``: then it is a saved config (``to_json_dict`` writes every field) and
+        a missing field is an error, as its default may compute another function."""
         data = dict(data)
         arch = data.pop("architecture", ARCHITECTURE)
         if arch != ARCHITECTURE:
             raise ConfigError(f"{source}: architecture is {arch!r}, expected {ARCHITECTURE!r}")
+        saved = "format_version" in data
         version = data.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ConfigError(f"{source}: format_version {version!r} is not supported "
@@ -191,6 +195,12 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown config field(s) {unknown}; "
                               f"valid fields are {sorted(known)}")
+        missing = sorted(known - set(data)) if saved else []
+        if missing:
+            raise ConfigError(f"{source}: saved config lacks field(s) {missing}: a saved config "
+                              "holds every field, and a default may not be what the model was "
+                              "trained with. Export the checkpoint again, or restore them from "
+                              "the run's train_config.json (its model section)")
         return cls(**data)
 
     def replace(self, **overrides) -> "ModelConfig":
@@ -209,6 +219,17 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         return cls.from_dict(read_json(path), source=str(path))
+
+    @classmethod
+    def load_saved(cls, path: str | Path) -> "ModelConfig":
+        """A checkpoint's config.json (written by ``save``): it must carry ``architecture``,
+        ``format_version`` (SPEC section 7) and so every field."""
+        data = read_json(path)
+        missing = [k for k in ("architecture", "format_version") if k not in data]
+        if missing:
+            raise ConfigError(f"{path}: lacks {missing}, which every checkpoint's config.json "
+                              "holds (SPEC section 7); was it written by hand or another tool?")
+        return cls.from_dict(data, source=str(path))
 
 
 def read_json(path: str | Path) -> dict:

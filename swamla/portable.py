@@ -1,9 +1,10 @@
 """The portable checkpoint format (SPEC.md section 7): names, shapes, and safetensors I/O.
 
 Tensors are numpy arrays in the PyTorch ``[out, in]`` layout under the PyTorch parameter names.
-Each backend converts its own parameters to and from this dict; this module checks the key set and
-every shape against the config, and writes the directory atomically (a kill mid-save leaves the
-previous checkpoint untouched).
+Each backend converts its own parameters to and from this dict; this module checks the key set,
+every shape and dtype against the config, and writes the directory atomically (a kill mid-save
+leaves the previous checkpoint untouched; ``remove_stale_temporaries`` clears what the kill left).
+A save replaces only an artifact of its own kind, never a run directory or an unrelated folder.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from swamla.config import BlockKind, ConfigError, ModelConfig
@@ -30,6 +34,11 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 class CheckpointError(ValueError):
     """A checkpoint directory that does not hold a valid SWA-MLA model for its config."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (full disk, no permission). Nothing was replaced and
+    the partial write was removed; ``errno`` is that of the cause, when it had one."""
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -111,30 +120,125 @@ def _abbrev(items, n=6):
 
 def save_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: str | Path, *,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write ``config.json`` and the safetensors weights into ``directory`` atomically."""
+    """Write ``config.json`` and the safetensors weights into ``directory`` atomically.
+
+    An existing ``directory`` is replaced only if it is empty or a portable checkpoint (not a
+    training state, whose optimizer state would be lost); anything else is a CheckpointError.
+    """
     check_tensors(tensors, cfg, "the model being saved")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, what="portable checkpoint",
+                          is_same_kind=is_weights_checkpoint) as tmp:
         write_portable(tensors, cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return Path(directory)
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path):
-    """Yield a temporary sibling of ``directory`` that replaces it only once the block completes.
+def check_destination(path: str | Path, what: str, is_same_kind: Callable[[Path], bool], *,
+                      overwrite: bool) -> None:
+    """Refuse to write a ``what`` at ``path`` over anything but another ``what``.
 
-    A crash, kill or full disk inside the block leaves ``directory`` (the last good checkpoint)
-    as it was; the temporary is removed on error.
+    A missing path or an empty directory is always fine. Something that ``is_same_kind`` says is
+    a ``what`` needs ``overwrite`` (the CLIs' ``--overwrite``); anything else (a run directory, an
+    unrelated folder, a file) is never replaced.
+    """
+    path = Path(path)
+    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink()
+                                     and not any(path.iterdir())):
+        return
+    if not is_same_kind(path):
+        raise CheckpointError(f"refusing to write a {what} at {path}: it exists, is not empty "
+                              f"and is not a {what} (only a {what} is ever replaced by one). "
+                              "Choose a new destination, or move it away yourself")
+    if not overwrite:
+        raise CheckpointError(f"{path} already holds a {what}; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path, *, what: str, is_same_kind: Callable[[Path], bool]):
+    """Yield a new temporary sibling of ``directory`` that replaces it once the block completes.
+
+    ``what`` names the artifact written ("portable checkpoint") and ``is_same_kind`` recognizes
+    one: see ``check_destination`` (with overwrite) for what may be replaced. A crash, kill or full
+    disk inside the block leaves ``directory`` as it was. On an error the temporary is removed
+    and an OSError is re-raised as a CheckpointWriteError naming ``directory``; a kill leaves the
+    temporary, for ``remove_stale_temporaries``. The result has the permissions a plain
+    ``mkdir``/``open`` gives under the process umask.
     """
     directory = Path(directory)
+    check_destination(directory, what, is_same_kind, overwrite=True)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = _sibling(directory, "tmp")
+    tmp.mkdir()  # a plain mkdir, so the umask's permissions (tempfile.mkdtemp's are always 0700)
     try:
         yield tmp
-        _fsync_dir(tmp)
+        _finish_tree(tmp)
         _replace_dir(tmp, directory)
-    except BaseException:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise _write_error(directory, e) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once tmp has been swapped in
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, what: str, is_same_kind: Callable[[Path], bool]):
+    """``atomic_directory`` for an artifact that is one file: yield the path to write it at (in
+    a temporary sibling directory); it replaces ``path`` once the block completes."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"refusing to write a {what} at {path}: it is a directory, and a "
+                              f"{what} is one file")
+    check_destination(path, what, is_same_kind, overwrite=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp / path.name
+        _finish_tree(tmp)
+        os.replace(tmp / path.name, path)
+        _fsync(path.parent)
+    except (OSError, SafetensorError) as e:
+        raise _write_error(path, e) from e
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _write_error(destination: Path, cause: BaseException) -> CheckpointWriteError:
+    error = CheckpointWriteError(
+        f"could not write {destination}: {cause}. Nothing was replaced: {destination} (if it "
+        "existed) and the checkpoints beside it are intact, and the partial write was removed")
+    error.errno = getattr(cause, "errno", None)
+    return error
+
+
+# A temporary of atomic_directory / atomic_file: ".NAME.tmp-XXXX" while written, ".NAME.old-XXXX"
+# for the replaced NAME until it is deleted (mkdtemp's suffixes, of earlier versions, included).
+_SIBLING = re.compile(r"\.(?P<name>.+)\.(?P<role>tmp|old)-[0-9a-z_]+")
+
+
+def _sibling(path: Path, role: str) -> Path:
+    return path.with_name(f".{path.name}.{role}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temporaries(parent: str | Path) -> list[Path]:
+    """Clear what ``atomic_directory``/``atomic_file`` leave in ``parent`` when a kill stops a save.
+
+    ``.NAME.tmp-*`` (a save that never completed) is removed. ``.NAME.old-*`` (a replaced NAME,
+    killed before it was deleted) is removed if NAME exists, and otherwise, the kill having come
+    between the two renames of the swap, renamed back to NAME, the last complete save. Nothing
+    else is touched. Call it only while nothing is saving into ``parent`` (a trainer's startup).
+    Returns the paths removed.
+    """
+    parent = Path(parent)
+    removed = []
+    for path in sorted(parent.iterdir()) if parent.is_dir() else ():
+        m = _SIBLING.fullmatch(path.name)
+        if not m or not path.is_dir() or path.is_symlink():
+            continue
+        if m["role"] == "old" and not os.path.lexists(parent / m["name"]):
+            os.replace(path, parent / m["name"])
+            continue
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
 
 
 def write_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: Path, *,
@@ -174,21 +278,42 @@ def _split_shards(arrays, max_bytes):
     return shards
 
 
-def _fsync_dir(path: Path):
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def _finish_tree(root: Path):
+    """Give every file and directory under ``root`` the permissions of a plain mkdir/open under
+    the umask (those of ``root``, made by mkdir; safetensors creates its files 0600), and flush
+    them to disk so the swap never exposes a half-written file."""
+    dir_mode = root.stat().st_mode & 0o7777
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            os.chmod(path, dir_mode & 0o666)
+            _fsync(path)
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, dir_mode)
+        _fsync(Path(dirpath))
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(tmp: Path, directory: Path):
     """Swap ``tmp`` into place; the old directory is removed only after the new one is there."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if os.path.lexists(directory):
+        old = _sibling(directory, "old")
         os.replace(directory, old)
         os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+    _fsync(directory.parent)
 
 
 def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -199,12 +324,11 @@ def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
     if not (directory / CONFIG_NAME).is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}: not a portable SWA-MLA checkpoint")
     try:
-        cfg = ModelConfig.load(directory / CONFIG_NAME)
+        cfg = ModelConfig.load_saved(directory / CONFIG_NAME)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
     if (directory / INDEX_NAME).is_file():
-        index = json.loads((directory / INDEX_NAME).read_text())
-        files = sorted(set(index["weight_map"].values()))
+        files = _shard_files(directory / INDEX_NAME)
     elif (directory / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
@@ -214,7 +338,7 @@ def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path} is listed in {INDEX_NAME} but does not exist")
-        shard = load_file(str(path))
+        shard = read_safetensors(path, REWRITE_HINT)
         dup = set(shard) & set(tensors)
         if dup:
             raise CheckpointError(f"tensors {_abbrev(sorted(dup))} appear in more than one shard")
@@ -223,7 +347,46 @@ def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
     return cfg, tensors
 
 
+REWRITE_HINT = ("write it again from its source (re-export or re-convert); a trainer's checkpoint "
+                "cannot be repaired: resume from an earlier one")
+
+
+def read_safetensors(path: Path, hint: str) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file, which must all be float32 or bfloat16 (SPEC section
+    7). A truncated or corrupt file is a CheckpointError naming it, with ``hint`` (the fix)."""
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}): {hint}") from e
+    bad = [f"{k} ({v.dtype})" for k, v in sorted(tensors.items())
+           if v.dtype not in (np.float32, ml_dtypes.bfloat16)]
+    if bad:
+        raise CheckpointError(f"{path}: tensors must be float32 or bfloat16 (SPEC section 7), got "
+                              f"{_abbrev(bad)}. Was it written by another tool? {hint}")
+    return tensors
+
+
+def _shard_files(index_path: Path) -> list[str]:
+    """The shard file names of a sharded checkpoint's index, checked."""
+    try:
+        index = json.loads(index_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path} is not valid JSON ({e}): {REWRITE_HINT}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and Path(v).name == v for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} has no valid weight_map (an object of tensor name -> "
+                              f"shard file name in the same directory): {REWRITE_HINT}")
+    return sorted(set(weight_map.values()))
+
+
 def is_portable_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / CONFIG_NAME).is_file() and (
         (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file())
+
+
+def is_weights_checkpoint(path: str | Path) -> bool:
+    """A portable checkpoint that is not also a training state (trainer_state.json, see
+    swamla.train_state), whose optimizer state a save of weights alone would drop."""
+    return is_portable_checkpoint(path) and not (Path(path) / "trainer_state.json").exists()

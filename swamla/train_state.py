@@ -14,11 +14,15 @@ A run started in one backend continues in the other from this directory (numpy i
 ``step`` counts optimizer updates done; the moments are those after that many updates (optax's
 ``mu``/``nu``, torch's ``exp_avg``/``exp_avg_sq``), so the next update uses bias correction
 ``t = step + 1`` and ``lr_at(step)``. A backend may add files of its own (the PyTorch trainer adds
-its RNG states); readers ignore files they do not know. The directory is written atomically.
+its RNG states); readers ignore files they do not know. The directory is written atomically and
+replaces only another training state.
 
     python -m swamla.train_state info DIR
     python -m swamla.train_state export-torch CKPT_DIR OUT_DIR   # a PyTorch checkpoint -> DIR
     python -m swamla.train_state export-jax RUN_DIR OUT_DIR      # a JAX run's latest -> DIR
+
+The exports refuse an OUT_DIR that exists and is not empty; ``--overwrite`` replaces one that is
+a training state (never anything else).
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from swamla.config import ModelConfig
-from swamla.portable import (CheckpointError, _abbrev, atomic_directory, check_tensors,
-                             load_portable, write_portable)
+from swamla.config import ConfigError, ModelConfig
+from swamla.portable import (CheckpointError, _abbrev, atomic_directory, check_destination,
+                             check_tensors, load_portable, read_safetensors, write_portable)
 
 FORMAT = "swamla-train-state"
 VERSION = 1
@@ -124,7 +128,8 @@ def check_moments(moments: Mapping[str, np.ndarray], params: Mapping[str, np.nda
 def save_train_state(directory: str | Path, cfg: ModelConfig, params: Mapping[str, np.ndarray],
                      moments: Mapping[str, np.ndarray], meta: Mapping[str, Any], *,
                      extra_files: Mapping[str, bytes] | None = None) -> Path:
-    """Write a training state into ``directory`` atomically (a temporary sibling swapped in).
+    """Write a training state into ``directory`` atomically (a temporary sibling swapped in); an
+    existing ``directory`` is replaced only if it is empty or a training state.
 
     ``params``/``moments``: numpy arrays under the portable names (any float dtype; stored
     float32). ``meta``: the trainer_state.json fields of ``META_KEYS``. ``extra_files``: a
@@ -137,7 +142,7 @@ def save_train_state(directory: str | Path, cfg: ModelConfig, params: Mapping[st
         if Path(name).name != name or name in (STATE_NAME, OPTIMIZER_NAME):
             raise TrainStateError(f"extra file name {name!r} must be a plain file name other "
                                   "than the format's own")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, what="training state", is_same_kind=is_train_state) as tmp:
         write_portable(dict(params), cfg, tmp)
         save_file({k: np.asarray(v, dtype=np.float32).copy(order="C")
                    for k, v in moments.items()}, str(tmp / OPTIMIZER_NAME),
@@ -172,7 +177,8 @@ def load_train_state(directory: str | Path
     cfg, params = load_portable(directory)
     if not (directory / OPTIMIZER_NAME).is_file():
         raise TrainStateError(f"{directory} has no {OPTIMIZER_NAME}")
-    moments = load_file(str(directory / OPTIMIZER_NAME))
+    moments = read_safetensors(directory / OPTIMIZER_NAME, "the optimizer state is lost with it: "
+                               "resume from an earlier checkpoint")
     check_moments(moments, params, meta["optimizer_type"], str(directory))
     as32 = lambda d: {k: np.asarray(v, dtype=np.float32) for k, v in d.items()}  # noqa: E731
     return cfg, as32(params), as32(moments), meta
@@ -201,17 +207,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "checkpoint")
         p.add_argument("src", help="the backend's checkpoint directory")
         p.add_argument("dst", help="the training-state directory to write")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace dst if it is a training state (never anything else)")
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             print(describe(args.dir))
         else:
+            # Before the (slow) read of src, so a wrong dst fails at once.
+            check_destination(args.dst, "training state", is_train_state,
+                              overwrite=args.overwrite)
             out = importlib.import_module(EXPORTERS[args.command]).export_train_state(
                 args.src, args.dst)
             print(f"wrote {out}")
-    except CheckpointError as e:  # also TrainStateError: bad input, reported without a traceback
+    except (CheckpointError, ConfigError) as e:  # bad input, reported without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a permission: the file system's, not the input's
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from swamla.config import ModelConfig, check_target_ids, check_token_ids, resolve_config
-from swamla.portable import CheckpointError, check_tensors, load_portable, save_portable
+from swamla.portable import (CheckpointError, atomic_directory, check_tensors, load_portable,
+                             save_portable)
 from swamla_jax.model import SWAMLA
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
@@ -170,15 +170,22 @@ def load_pretrained(directory: str | Path, *, dtype="float32", remat_policy: str
 NATIVE_PARAMS_DIR = "params"
 
 
+def is_native_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / NATIVE_PARAMS_DIR).is_dir() and (path / "config.json").is_file()
+
+
 def save_native(model: Model, directory: str | Path) -> Path:
-    """The native JAX checkpoint: ``config.json`` plus an Orbax checkpoint of the params."""
+    """The native JAX checkpoint: ``config.json`` plus an Orbax checkpoint of the params, written
+    atomically; an existing ``directory`` is replaced only if empty or a native checkpoint."""
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / NATIVE_PARAMS_DIR, model.params, force=True)
-    (directory / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2))
+    with atomic_directory(directory, what="native JAX checkpoint",
+                          is_same_kind=is_native_checkpoint) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the save
+            ckptr.save(tmp / NATIVE_PARAMS_DIR, model.params)
+        model.config.save(tmp / "config.json")
     return directory
 
 
@@ -186,10 +193,10 @@ def load_native(directory: str | Path, *, dtype="float32") -> Model:
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    if not (directory / NATIVE_PARAMS_DIR).is_dir() or not (directory / "config.json").is_file():
+    if not is_native_checkpoint(directory):
         raise CheckpointError(f"{directory} is not a native SWA-MLA JAX checkpoint "
                               f"(expected config.json and {NATIVE_PARAMS_DIR}/)")
-    module = _module(ModelConfig.load(directory / "config.json"), dtype, "none")
+    module = _module(ModelConfig.load_saved(directory / "config.json"), dtype, "none")
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / NATIVE_PARAMS_DIR, abstract_params(module))
     return Model(module, params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from swamla.config import ModelConfig
+from swamla.portable import CheckpointError
 from swamla.train_config import TrainConfig
 from swamla.train_state import (is_train_state, load_train_state, moment_keys,
                                 save_train_state)
@@ -143,5 +145,10 @@ def load_checkpoint(path: str | Path) -> Resume:
     model_cfg, params, moments, meta = load_train_state(path)
     rng = None
     if (path / RNG_NAME).is_file():
-        rng = torch.load(path / RNG_NAME, map_location="cpu", weights_only=True)
+        try:
+            rng = torch.load(path / RNG_NAME, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's "corrupt file"
+            raise CheckpointError(f"{path / RNG_NAME} is truncated or corrupt ({e}): resume from "
+                                  "an earlier checkpoint, or delete it to resume with fresh RNG "
+                                  "states (dropout then differs from an uninterrupted run)") from e
     return Resume(path, model_cfg, params, moments, meta, rng)
