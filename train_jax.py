@@ -8,7 +8,8 @@ import sys
 
 from swamla.config import ConfigError
 from swamla.data import DataError
-from swamla.train_config import parse_args
+from swamla.portable import CheckpointError
+from swamla.train_config import TrainingError, parse_args
 
 
 def main(argv=None) -> int:
@@ -20,9 +21,12 @@ def main(argv=None) -> int:
         from swamla_jax.train import train  # after parsing, so --help and bad flags are instant
 
         train(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

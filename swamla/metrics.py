@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
+from swamla.config import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -172,12 +174,35 @@ class MetricsLogger:
         self.close()
 
 
-def _tensorboard_writer(logdir: Path, resume_step: int | None):
+def check_logging_packages(cfg) -> None:
+    """Fail at the start of a run, not after its model is built, when a TrainConfig asks for
+    TensorBoard or W&B logging without the package installed."""
+    if cfg.tensorboard:
+        _import_tensorboardx()
+    if cfg.wandb_project is not None:
+        _import_wandb(cfg.wandb_project)
+
+
+def _import_tensorboardx():
     try:
-        from tensorboardX import SummaryWriter
+        import tensorboardX
     except ImportError as e:
-        raise ImportError("tensorboard=true needs the tensorboardX package: "
+        raise ConfigError("tensorboard=true needs the tensorboardX package: "
                           "pip install tensorboardX (or set tensorboard=false)") from e
+    return tensorboardX
+
+
+def _import_wandb(project: str):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError(f"wandb_project={project!r} needs the wandb package: pip install "
+                          "wandb (or leave wandb_project unset)") from e
+    return wandb
+
+
+def _tensorboard_writer(logdir: Path, resume_step: int | None):
+    SummaryWriter = _import_tensorboardx().SummaryWriter
     # purge_step hides events after the resumed step, as the JSONL truncation does
     purge = None if resume_step is None else resume_step + 1
     return SummaryWriter(str(logdir), purge_step=purge)
@@ -185,11 +210,7 @@ def _tensorboard_writer(logdir: Path, resume_step: int | None):
 
 def _wandb_run(output_dir: Path, project: str, name: str | None,
                run_config: Mapping[str, Any] | None, resumed: bool):
-    try:
-        import wandb
-    except ImportError as e:
-        raise ImportError(f"wandb_project={project!r} needs the wandb package: pip install "
-                          "wandb (or leave wandb_project unset)") from e
+    wandb = _import_wandb(project)
     # The run id lives in output_dir so a resumed run continues the same W&B run.
     id_file = output_dir / WANDB_ID_FILE
     if resumed and id_file.is_file():

@@ -16,6 +16,7 @@ import difflib
 import importlib
 import json
 import math
+import sys
 import types
 import typing
 import warnings
@@ -126,7 +127,8 @@ class TrainConfig:
     # ---- evaluation, checkpoints, logging
     output_dir: str = _f("out", "io", "checkpoints, train_config.json, metrics.jsonl, plots")
     resume: str = _f("auto", "io", "auto (latest checkpoint in output_dir if any), none, or a "
-                     "checkpoint path")
+                     "training state to start from (a PyTorch checkpoint, or a JAX run's "
+                     "export-jax) in an output_dir that holds no checkpoints yet")
     eval_interval: int = _f(1000, "io", "steps between validation evaluations")
     eval_iters: int = _f(20, "io", "validation batches per evaluation")
     save_interval: int = _f(1000, "io", "steps between checkpoints")
@@ -267,6 +269,14 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def save_to_run(self, output_dir: str | Path) -> Path:
+        """``output_dir/train_config.json``, with ``resume`` written as auto: launching the saved
+        config again (after a preemption, or to extend the run) continues from the run's own
+        checkpoints, never from the checkpoint or training state it started from."""
+        path = Path(output_dir) / RUN_CONFIG_NAME
+        dataclasses.replace(self, resume="auto").save(path)
+        return path
+
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(read_json(path), source=str(path))
@@ -296,6 +306,48 @@ class TrainConfig:
             f"{f.name}={getattr(self, f.name)!r}" + ("*" if ref[f.name] != getattr(self, f.name)
                                                     else "") for f in train_fields()))
         return "\n".join(lines)
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (e.g. too many non-finite steps in a row); its checkpoints are kept."""
+
+
+# -------------------------------------------------------------------- resuming
+RUN_CONFIG_NAME = "train_config.json"
+# Model fields a resumed run may change: regularization, context length (RoPE extends, no weight
+# depends on it) and initialization, which a resume does not run. Every other field changes the
+# function the checkpoint's weights compute.
+RESUMABLE_MODEL_FIELDS = ("dropout", "label_smoothing", "block_size", "init_std", "dyt_alpha_init")
+
+
+def check_resume_target(resume: str, latest: Any, output_dir: str | Path) -> None:
+    """Refuse a run that would train over the checkpoints ``output_dir`` already holds (``latest``
+    names the newest, None if none): with resume=none it would start over on top of them, with
+    an explicit path it would import over them (relaunching a run that began with ``--resume
+    STATE`` would silently rewind it to STATE)."""
+    if latest is None or resume == "auto":
+        return
+    if resume == "none":
+        raise ConfigError(f"resume=none but {output_dir} already holds checkpoints (latest: "
+                          f"{latest}): use --resume auto to continue that run, or another "
+                          "--output_dir to start a new one")
+    raise ConfigError(f"resume={resume!r} but {output_dir} already holds checkpoints (latest: "
+                      f"{latest}): use --resume auto to continue that run, or another "
+                      "--output_dir to start from the given checkpoint")
+
+
+def check_resumed_model(saved: ModelConfig, current: ModelConfig, where: str) -> None:
+    """Refuse to resume weights into a model that computes another function: every model field
+    but ``RESUMABLE_MODEL_FIELDS`` must match the checkpoint's (same shapes are not enough: a
+    different swa_window or rope_theta loads fine and trains something else)."""
+    old, new = saved.to_dict(), current.to_dict()
+    differ = [k for k in old if k not in RESUMABLE_MODEL_FIELDS and old[k] != new.get(k)]
+    if differ:
+        raise ConfigError(
+            f"{where} was trained with another model: " + ", ".join(
+                f"{k}={old[k]!r} there, {new.get(k)!r} in this run" for k in differ)
+            + f". Resume with the checkpoint's model (drop those flags, or --config its "
+            f"{RUN_CONFIG_NAME}), or start a new run in another --output_dir")
 
 
 # -------------------------------------------------------------------- building the parts
@@ -419,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
             groups[group] = parser.add_argument_group(GROUP_TITLES.get(group, group))
         inner, optional = _unwrap(tp)
         base = typing.get_origin(inner) or inner
-        kw = dict(dest=dest, default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        kw = dict(dest=dest, default=argparse.SUPPRESS,  # argparse %-formats help strings
+                  help=f"{help} (default: {default})".replace("%", "%%"))
         flags = ["--" + n for n in names]
         if base is bool:
             groups[group].add_argument(*flags, nargs="?", const=True, metavar="true|false",
@@ -441,6 +494,23 @@ def build_parser() -> argparse.ArgumentParser:
 _METAVARS = {int: "INT", float: "FLOAT", str: "STR", dict: "JSON"}
 
 
+def _underscored(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--train-paths`` read as ``--train_paths`` (and ``--no-progress-bar`` as
+    ``--no-progress_bar``): fields are spelled with underscores, but the hyphenated spelling of
+    other CLIs (``swamla.data.prepare``'s among them) is accepted wherever it names a flag."""
+    options = {o for a in parser._actions for o in a.option_strings}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag not in options:
+            prefix = "--no-" if flag.startswith("--no-") else "--"
+            fixed = prefix + flag[len(prefix):].replace("-", "_")
+            if fixed in options:
+                arg = fixed + eq + value
+        out.append(arg)
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """TrainConfig from command-line flags (sys.argv[1:] when argv is None).
 
@@ -448,6 +518,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     ``--size`` given on the command line replaces the config file's ``size`` and ``model``.
     """
     parser = build_parser()
+    argv = _underscored(parser, sys.argv[1:] if argv is None else list(argv))
     try:
         ns, extras = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from swamla.portable import CheckpointError
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -42,13 +44,25 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, laid out as ``abstract_state``'s shardings say."""
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self._read(step, state=ocp.args.StandardRestore(abstract_state),
+                         meta=ocp.args.JsonRestore())
         return out.state, out.meta
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        return self._read(step, meta=ocp.args.JsonRestore()).meta
+
+    def _read(self, step: int, **items):
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Orbax: ValueError, KeyError, FileNotFoundError... per damage
+            where = self.directory / str(step)
+            earlier = [s for s in self.all_steps() if s < step]
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(
+                f"checkpoint {where} cannot be read ({type(e).__name__}: {first_line}): it is "
+                f"incomplete or damaged. Move it out of the way (mv {where} "
+                f"{self.directory.parent / f'broken_step_{step}'}) to resume from "
+                + (f"step {earlier[-1]}" if earlier else "the start")) from e
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

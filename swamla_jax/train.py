@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -24,13 +24,15 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
-from swamla.config import ConfigError, check_token_ids, count_params
-from swamla.data import build_loader, merge_states
+from swamla.config import ConfigError, ModelConfig, check_token_ids, count_params
+from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
-from swamla.metrics import MetricsLogger, ProgressBar, plot_metrics
+from swamla.metrics import MetricsLogger, ProgressBar, check_logging_packages, plot_metrics
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
-from swamla.train_config import TrainConfig
+from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
+                                 check_resumed_model)
+from swamla.portable import remove_stale_temporaries
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -50,7 +52,7 @@ def _jax_attention_impl(name: str) -> str:
     return name
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
@@ -181,7 +183,11 @@ def _next_batch(loader, k: int, vocab_size: int):
     batches = [next(loader) for _ in range(k)]
     inputs = np.stack([b.inputs for b in batches])
     targets = np.stack([b.targets for b in batches])
-    check_token_ids(inputs, vocab_size)
+    try:
+        check_token_ids(inputs, vocab_size)
+        check_token_ids(targets, vocab_size)
+    except ValueError as e:
+        raise DataError(f"{loader.split} batch: {e}") from e
     return inputs, targets
 
 
@@ -246,17 +252,9 @@ def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> d
 def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | Path | None:
     """A step of this run's checkpoints, a portable training state to import, or None."""
     latest = ckpt.latest_step()
-    if cfg.resume == "none":
-        if latest is not None:
-            raise ConfigError(f"resume=none but {ckpt.directory} already holds checkpoints (latest "
-                              f"step {latest}): use --resume auto to continue, or another "
-                              "--output_dir")
-        return None
-    if cfg.resume == "auto":
-        return latest
-    if latest is not None:
-        raise ConfigError(f"resume={cfg.resume!r} but {ckpt.directory} already holds checkpoints: "
-                          "import a training state into a fresh --output_dir")
+    check_resume_target(cfg.resume, None if latest is None else f"step {latest}", ckpt.directory)
+    if cfg.resume in ("none", "auto"):
+        return latest if cfg.resume == "auto" else None
     path = Path(cfg.resume)
     if not is_train_state(path):
         raise ConfigError(f"resume={cfg.resume!r} is not a portable training state (a directory "
@@ -266,13 +264,51 @@ def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | Path | None:
     return path
 
 
+def _start(trainer: Trainer, ckpt: Checkpointer, train_loader, val_loader):
+    """(resumed from, state, step, skipped steps) of a run about to start, every check done:
+    the resume target, the model and optimizer state it was saved with, the data."""
+    cfg = trainer.cfg
+    start = _resolve_resume(cfg, ckpt)
+    if isinstance(start, int):
+        _check_same_run(ckpt.restore_meta(start)["train_config"], cfg, ckpt.directory / str(start))
+    # An empty validation split fails now, not at the first evaluation (which starts the
+    # stream over, so this batch is not lost).
+    _next_batch(val_loader, 1, cfg.model.vocab_size)
+    if start is None:
+        return None, trainer.init_state(), 0, 0
+    if isinstance(start, Path):
+        state, meta = import_train_state(trainer, start)
+        if meta["data_state"] is not None:
+            train_loader.load_state_dict(meta["data_state"])
+        log.info("imported %s training state %s at step %d", meta["framework"], start,
+                 meta["step"])
+        return start, state, int(meta["step"]), int(meta["bad_steps"])
+    state, meta = ckpt.restore(start, trainer.abstract_state())
+    train_loader.load_state_dict(meta["data_state"])
+    log.info("resumed from %s at step %d", ckpt.directory / str(start), meta["step"])
+    return start, state, int(meta["step"]), int(meta["skipped_total"])
+
+
+def _check_same_run(saved: Mapping[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """A run resumed from its own checkpoints keeps the model and the optimizer state's layout
+    (Orbax restores a tree of the saved structure and shapes, nothing else)."""
+    check_resumed_model(ModelConfig.from_dict(saved["model"], source=str(where)), cfg.model,
+                        str(where))
+    for name in ("optimizer_type", "bf16_moments"):
+        was = saved.get(name, getattr(TrainConfig, name))
+        if was != getattr(cfg, name):
+            raise ConfigError(
+                f"{where} holds the optimizer state of {name}={was!r}, this run has "
+                f"{getattr(cfg, name)!r}. Resume with {name}={was!r}, or change it through a "
+                f"training state: python -m swamla.train_state export-jax {where.parent.parent} "
+                "STATE, then train with --resume STATE in a new --output_dir")
+
+
 def import_train_state(trainer: Trainer, path: Path):
     """A TrainState (and its meta) from a portable training state written by either trainer."""
     cfg = trainer.cfg
     model_cfg, params, moments, meta = load_train_state(path)
-    if model_cfg != cfg.model:
-        raise ConfigError(f"{path} holds a different model than this run's config; run with "
-                          f"--config {path}/config.json or the same model flags")
+    check_resumed_model(model_cfg, cfg.model, str(path))
     if meta["optimizer_type"] != cfg.optimizer_type:
         raise ConfigError(f"{path} holds {meta['optimizer_type']} moments but optimizer_type is "
                           f"{cfg.optimizer_type!r}")
@@ -331,6 +367,8 @@ def export_train_state(src: str | Path, dst: str | Path) -> Path:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a whole training job; returns the last logged metrics (and eval results)."""
     sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if jax.process_index() == 0:
+        check_logging_packages(cfg)
     if cfg.use_fp8 and jax.default_backend() != "gpu":
         log.warning("use_fp8 on %s: FP8 numerics are emulated (no FP8 GEMMs without an H100/H200)",
                     jax.default_backend())
@@ -339,7 +377,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "train_config.json")
     rows = _process_rows(cfg, mesh)
     T, k, vocab = cfg.model.block_size, cfg.gradient_accumulation_steps, cfg.model.vocab_size
     loader_kw = dict(batch_size=rows, block_size=T, seed=cfg.seed,
@@ -347,25 +384,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         trainer = Trainer(cfg, mesh)
-        ckpt = Checkpointer(out, cfg.keep_checkpoints)
-        start = _resolve_resume(cfg, ckpt)
         train_loader = build_loader(cfg.data, "train", **loader_kw)
         val_loader = build_loader(cfg.data, "val", **loader_kw)
-        skipped_total = 0
-        if start is None:
-            state = trainer.init_state()
-            step = 0
-        elif isinstance(start, Path):
-            state, meta = import_train_state(trainer, start)
-            if meta["data_state"] is not None:
-                train_loader.load_state_dict(meta["data_state"])
-            step, skipped_total = int(meta["step"]), int(meta["bad_steps"])
-            log.info("imported %s training state %s at step %d", meta["framework"], start, step)
-        else:
-            state, meta = ckpt.restore(start, trainer.abstract_state())
-            train_loader.load_state_dict(meta["data_state"])
-            step, skipped_total = int(meta["step"]), int(meta["skipped_total"])
-            log.info("resumed from %s at step %d", ckpt.directory / str(start), step)
+        ckpt = Checkpointer(out, cfg.keep_checkpoints)
+        try:
+            start, state, step, skipped_total = _start(trainer, ckpt, train_loader, val_loader)
+        except BaseException:
+            for closable in (ckpt, train_loader, val_loader):
+                closable.close()
+            raise
+        if is_main:  # only now: a run that cannot start leaves the run directory as it was
+            cfg.save_to_run(out)
+            for path in remove_stale_temporaries(out):  # of an export killed mid-save
+                log.info("removed %s, left by a save that was killed", path)
 
         n_params = count_params(cfg.model)
         tokens_per_step = rows * jax.process_count() * k * T
@@ -400,7 +431,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             m = jax.device_get(metrics)
             now = time.perf_counter()
             tok_s = tokens_per_step * (at - mark[1]) / (now - mark[0]) if at > mark[1] else None
-            last = {"loss": float(m["loss"]), "lr": lr_at(at - 1 - skipped_total, cfg),
+            last = {"loss": float(m["loss"]), "lr": lr_at(max(at - 1 - skipped_total, 0), cfg),
                     "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
                     "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
                     "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
@@ -429,15 +460,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         settle()
                         compiled = True
                     bar.update(1)
+                    if step % cfg.save_interval == 0 or step == cfg.max_iters:
+                        settle()  # saved before evaluating: a failing evaluation loses nothing
+                        ckpt.save(step, state, meta_now())
+                        restart_clock()
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                         settle()
                         last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
                                              vocab))
                         logger.log(step, {k_: last[k_] for k_ in ("eval_loss", "eval_ppl")})
-                        restart_clock()
-                    if step % cfg.save_interval == 0 or step == cfg.max_iters:
-                        settle()
-                        ckpt.save(step, state, meta_now())
                         restart_clock()
                     if stop_requested():
                         settle()

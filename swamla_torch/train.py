@@ -27,11 +27,13 @@ from tqdm import tqdm
 from swamla.config import ConfigError, check_token_ids, count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
-from swamla.metrics import MetricsLogger, ProgressBar, plot_metrics
-from swamla.portable import CheckpointError, check_tensors, save_portable
+from swamla.metrics import MetricsLogger, ProgressBar, check_logging_packages, plot_metrics
+from swamla.portable import (CheckpointError, check_tensors, remove_stale_temporaries,
+                             save_portable)
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
-from swamla.train_config import TrainConfig
+from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
+                                 check_resumed_model)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
@@ -43,11 +45,7 @@ from swamla_torch.model import SWAMLA
 from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
 
 EXPORT_DIR = "export"
-PLOT_NAME = "loss_curve.png"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); checkpoints are kept."""
+PLOT_NAME = "loss.png"  # the JAX trainer's name too
 
 
 # The errors that mean bad input (config, data, checkpoint), not a failed run: the CLI prints them.
@@ -62,10 +60,10 @@ def export_train_state(checkpoint: str | Path, out: str | Path) -> Path:
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint or training state to continue from, per ``cfg.resume``."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return latest_checkpoint(cfg.output_dir)
+    latest = latest_checkpoint(cfg.output_dir)
+    check_resume_target(cfg.resume, latest, cfg.output_dir)
+    if cfg.resume in ("none", "auto"):
+        return latest if cfg.resume == "auto" else None
     path = Path(cfg.resume)
     if not is_train_state(path):
         found = latest_checkpoint(path)  # an output_dir of an earlier run
@@ -112,6 +110,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopSignal):
         self.cfg, self.env, self.stop = cfg, env, stop
         self.out = Path(cfg.output_dir)
+        if env.is_main:
+            check_logging_packages(cfg)
         resume_path = resolve_resume(cfg)
         self.resume = load_checkpoint(resume_path) if resume_path is not None else None
         self.step = self.resume.step if self.resume else 0
@@ -138,7 +138,9 @@ class _Run:
         self.loader = self._loader("train")
         if self.resume and self.resume.meta["data_state"] is not None:
             self.loader.load_state_dict(self.resume.meta["data_state"])
-        self.val_loader = None
+        self.val_loader = self._loader("val")
+        self._batch(self.val_loader)  # an empty validation split fails now, not at the first
+        # evaluation (each evaluation starts the stream over)
         self.n_params = count_params(cfg.model)
         peak = peak_flops(env.device_name, "bf16")
         self.peak = peak * env.world_size if peak else None
@@ -149,6 +151,7 @@ class _Run:
             raise ConfigError(f"{resume.path} holds {resume.meta['optimizer_type']} moments but "
                               f"optimizer_type is {cfg.optimizer_type!r}; resume with "
                               f"--optimizer_type {resume.meta['optimizer_type']}")
+        check_resumed_model(resume.model_config, cfg.model, str(resume.path))
         check_tensors(resume.params, cfg.model, f"{resume.path} (resumed with this run's model "
                       "config)")
         if resume.step > cfg.max_iters:
@@ -211,8 +214,6 @@ class _Run:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over ``eval_iters`` validation batches (the same batches every time)."""
-        if self.val_loader is None:
-            self.val_loader = self._loader("val")
         self.val_loader.reset()
         self.par.model.eval()
         total = torch.zeros((), device=self.env.device)
@@ -226,10 +227,16 @@ class _Run:
 
     def save(self) -> Path:
         states = distributed.all_gather_objects(self.loader.state_dict(), self.env)
-        path = save_checkpoint(checkpoint_dir(self.out, self.step), env=self.env,
-                               raw=self.par.raw, optimizer=self.optimizer, cfg=self.cfg,
-                               step=self.step, bad_steps=self.bad_total,
-                               data_state=merge_states(states))
+        try:
+            path = save_checkpoint(checkpoint_dir(self.out, self.step), env=self.env,
+                                   raw=self.par.raw, optimizer=self.optimizer, cfg=self.cfg,
+                                   step=self.step, bad_steps=self.bad_total,
+                                   data_state=merge_states(states))
+        except (OSError, CheckpointError) as e:  # e.g. a full disk; the partial save is removed
+            raise TrainingError(f"could not save the checkpoint of step {self.step}: {e}. The "
+                                f"last good checkpoint, {latest_checkpoint(self.out) or 'none'}, "
+                                "is intact: free space (or point --output_dir elsewhere) and "
+                                "resume with --resume auto") from e
         self._say(f"saved checkpoint {path}")
         return path
 
@@ -246,7 +253,10 @@ class _Run:
         cfg, env = self.cfg, self.env
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / "train_config.json")
+            cfg.save_to_run(self.out)
+            for parent in (checkpoint_dir(self.out, 0).parent, self.out):  # a kill mid-save's
+                for path in remove_stale_temporaries(parent):
+                    self._say(f"removed {path}, left by a save that was killed")
         self._say(cfg.describe(env.world_size))
         self._say(f"device: {env.device_name} x {env.world_size}"
                   + (" (FSDP2)" if self.par.fsdp else " (DDP)" if self.par.ddp else "")
@@ -290,15 +300,16 @@ class _Run:
                     bar.update(1, {"loss": loss})
                     if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                         logger.log(self.step, self._window_metrics(window, tokens_per_step))
+                    # saved before evaluating: a failing evaluation loses nothing
+                    if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
+                        final["checkpoint"] = str(self.save())
+                        last_saved = self.step
+                        window["t"] = time.perf_counter()
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                         final.update(self.evaluate())
                         logger.log(self.step, {k: final[k] for k in
                                                ("eval_loss", "eval_perplexity")})
                         window["t"] = time.perf_counter()  # eval time is not training time
-                    if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
-                        final["checkpoint"] = str(self.save())
-                        last_saved = self.step
-                        window["t"] = time.perf_counter()
                 if stop:
                     self._say(f"stop requested at step {self.step}: saving and exiting")
                     if last_saved != self.step:

@@ -125,11 +125,11 @@ def test_sigterm_saves_and_resume_is_exact(shards, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = t._next_batch
 
-    def kill_at_step_5(*args, **kwargs):
-        calls["n"] += 1
+    def kill_at_step_5(loader, *args):
+        calls["n"] += loader.split == "train"
         if calls["n"] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
+        return original(loader, *args)
 
     monkeypatch.setattr(t, "_next_batch", kill_at_step_5)
     out = tmp_path / "interrupted"
@@ -182,6 +182,47 @@ def test_resume_none_refuses_to_clobber(shards, tmp_path):
         train(parse_args(flags(shards, out, "--resume", "none")))
 
 
+def test_a_resume_that_cannot_continue_the_run_leaves_it_as_it_was(shards, tmp_path):
+    """Another model (same shapes), another optimizer state or a checkpoint path over existing
+    checkpoints: refused with the reason, before train_config.json is touched. A damaged newest
+    checkpoint is named, and moving it away as the error says resumes from the one before."""
+    from swamla.config import ConfigError
+    from swamla.portable import CheckpointError
+    from swamla_jax.train import train
+
+    out = tmp_path / "run"
+    train(parse_args(flags(shards, out, "--max_iters", "2", "--save_interval", "1")))
+    saved = (out / "train_config.json").read_text()
+    for extra, match in ((("--swa_window", "4"), "swa_window=8 there, 4 in this run"),
+                         (("--optimizer_type", "lion"), "optimizer_type='adamw', this run has "
+                                                        "'lion'"),
+                         (("--bf16_moments",), "bf16_moments=False, this run has True"),
+                         (("--resume", str(out / "checkpoints" / "1")), "already holds")):
+        with pytest.raises(ConfigError, match=match):
+            train(parse_args(flags(shards, out, "--max_iters", "3", *extra)))
+        assert (out / "train_config.json").read_text() == saved
+    (out / "checkpoints" / "2" / "meta" / "metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read .* it is incomplete "
+                       r"or damaged. Move it out of the way \(mv .*\) to resume from step 1"):
+        train(parse_args(flags(shards, out, "--max_iters", "3")))
+    (out / "checkpoints" / "2").rename(out / "broken_step_2")
+    assert train(parse_args(flags(shards, out, "--max_iters", "3")))["step"] == 3
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+
+
+def test_an_empty_validation_split_fails_before_training(tmp_path):
+    from swamla.data import DataError
+    from swamla_jax.train import train
+
+    docs = tmp_path / "docs.jsonl"  # 3 documents: none falls in the 0.5% validation split
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(3)))
+    argv = flags(docs, tmp_path / "run", "--source", "files", "--num_workers", "0")
+    with pytest.raises(DataError, match="no documents in the 'val' split"):
+        train(parse_args(argv))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "train_config.json").exists()
+
+
 def test_non_finite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     """NaN gradients: the update is skipped and counted; max_bad_steps in a row stop the run."""
     import swamla_jax.train as t
@@ -196,7 +237,9 @@ def test_non_finite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     with pytest.raises(t.NonFiniteError, match="3 consecutive steps had a non-finite loss"):
         t.train(parse_args(flags(shards, tmp_path / "nan", "--max_bad_steps", "3",
                                  "--save_interval", "1")))
-    assert read_metrics(tmp_path / "nan" / "metrics.jsonl")[-1]["skipped_steps"] >= 2
+    records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert records[-1]["skipped_steps"] >= 2
+    assert all(r["lr"] >= 0 for r in records if "lr" in r)  # no update yet: the first step's
 
 
 # ------------------------------------------------------------------------------ multi-device

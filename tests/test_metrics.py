@@ -11,12 +11,13 @@ import types
 import numpy as np
 import pytest
 
-from swamla.config import count_params, load_preset
+from swamla.config import ConfigError, count_params, load_preset
 from swamla.flops import (attention_flops_per_token, flops_per_token, mfu, mfu_with_attention,
                           peak_flops)
-from swamla.metrics import (MetricsLogger, ProgressBar, format_metrics, plot_metrics,
-                            read_metrics, truncate_metrics)
+from swamla.metrics import (MetricsLogger, ProgressBar, check_logging_packages, format_metrics,
+                            plot_metrics, read_metrics, truncate_metrics)
 from swamla.signals import StopSignal
+from swamla.train_config import TrainConfig
 
 
 def _steps(path):
@@ -112,8 +113,10 @@ def test_progress_bar_quiet_off_main(capsys):
 # ------------------------------------------------------------------------------ TensorBoard, W&B
 def test_tensorboard_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # makes the import fail
-    with pytest.raises(ImportError, match="pip install tensorboardX"):
+    with pytest.raises(ConfigError, match="pip install tensorboardX"):
         MetricsLogger(tmp_path, tensorboard=True)
+    with pytest.raises(ConfigError, match="pip install tensorboardX"):
+        check_logging_packages(TrainConfig(tensorboard=True))
 
 
 def test_tensorboard_writes_events(tmp_path):
@@ -126,8 +129,10 @@ def test_tensorboard_writes_events(tmp_path):
 
 def test_wandb_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    with pytest.raises(ImportError, match="pip install wandb"):
+    with pytest.raises(ConfigError, match="pip install wandb"):
         MetricsLogger(tmp_path, wandb_project="p")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        check_logging_packages(TrainConfig(wandb_project="p"))
 
 
 def test_wandb_logs_and_resumes_the_same_run(tmp_path, monkeypatch):

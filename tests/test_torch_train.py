@@ -219,7 +219,7 @@ def test_train_end_to_end(shards, tmp_path):
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
     assert result["eval_loss"] == evals[-1]["eval_loss"]
-    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "loss.png").stat().st_size > 1000
     assert TrainConfig.load(out / "train_config.json") == cfg
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006",
                                                                       "step_00000008"]
@@ -302,9 +302,65 @@ def test_resume_errors(shards, tmp_path):
     with pytest.raises(ValueError, match="holds adamw moments but optimizer_type is 'lion'"):
         train(cfg.replace(optimizer_type="lion", max_iters=6))
     with pytest.raises(ValueError, match="neither a training state"):
-        train(cfg.replace(resume=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match="mis-shaped tensors"):
+        train(cfg.replace(output_dir=str(tmp_path / "b"), resume=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="n_embd=64 there, 32 in this run"):
         train(cfg.replace(model=cfg.model.replace(n_embd=32, mlp_hidden_dim=128), max_iters=6))
+    # Same shapes, another function: the window is not in any tensor's shape.
+    with pytest.raises(ValueError, match="swa_window=32 there, 4 in this run"):
+        train(cfg.replace(model=cfg.model.replace(swa_window=4), max_iters=6))
+    # Training-only model fields may change.
+    assert train(cfg.replace(model=cfg.model.replace(dropout=0.1), max_iters=4))["step"] == 4
+
+
+def test_relaunching_an_imported_run_never_rewinds_it(shards, tmp_path):
+    """A run begun with --resume STATE: launching it again must not go back to STATE. The same
+    command is refused (output_dir holds newer checkpoints) and the saved config continues."""
+    start = make_cfg(shards, tmp_path / "a", max_iters=3, export_portable=False)
+    train(start)
+    moved = start.replace(output_dir=str(tmp_path / "b"), max_iters=4,
+                          resume=str(tmp_path / "a" / "checkpoints" / "step_00000003"))
+    assert train(moved)["step"] == 4
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(moved.replace(max_iters=5))
+    with pytest.raises(ValueError, match="resume=none but"):
+        train(moved.replace(max_iters=5, resume="none"))
+    saved = TrainConfig.load(tmp_path / "b" / "train_config.json")
+    assert saved.resume == "auto"
+    stale = tmp_path / "b" / "checkpoints" / ".step_00000005.tmp-0a1b2c3d"  # a kill mid-save
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert train(saved.replace(max_iters=5))["step"] == 5
+    assert not stale.exists()
+    assert sorted(losses(tmp_path / "b")) == [4, 5]
+
+
+def test_an_empty_validation_split_fails_before_training(tmp_path):
+    docs = tmp_path / "docs.jsonl"  # 3 documents: none falls in the 0.5% validation split
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(3)))
+    cfg = TrainConfig.from_dict({
+        "size": "tiny", "model": {"n_layer": 3, "block_size": 32},
+        "data": {"source": "files", "train_paths": [str(docs)], "num_workers": 0},
+        "batch_size": 2, "max_iters": 4, "compute_dtype": "float32", "progress_bar": False,
+        "output_dir": str(tmp_path / "run")})
+    with pytest.raises(DataError, match="no documents in the 'val' split"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
+
+
+def test_a_failed_save_names_the_checkpoint_that_is_intact(shards, tmp_path, monkeypatch):
+    real, calls = train_mod.save_checkpoint, []
+
+    def disk_full_on_second_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", disk_full_on_second_save)
+    cfg = make_cfg(shards, tmp_path / "run", eval_interval=100, export_portable=False)
+    with pytest.raises(TrainingError, match=r"checkpoint of step 6: \[Errno 28\] No space left "
+                       r"on device\. The last good checkpoint, .*step_00000003, is intact"):
+        train(cfg)
 
 
 def _nan_after(monkeypatch, bad_calls):
@@ -339,7 +395,7 @@ def test_too_many_bad_steps_stop_with_error(shards, tmp_path, monkeypatch):
 
 def test_token_ids_checked_on_host(shards, tmp_path):
     cfg = make_cfg(shards, tmp_path / "run", model={"vocab_size": 256})
-    with pytest.raises(DataError, match=r"train batch after step 0: token ids must lie in "
+    with pytest.raises(DataError, match=r"val batch after step 0: token ids must lie in "
                        r"\[0, 256\)"):
         train(cfg)
 

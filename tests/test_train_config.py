@@ -316,3 +316,28 @@ def test_flags_markdown_lists_every_flag():
         for n in names:
             assert f"`--{n}`" in text
     assert "| `--learning_rate` | `0.0001` |" in text
+
+
+def test_hyphenated_flags_read_as_their_fields():
+    """Other tools (swamla.data.prepare among them) spell flags with hyphens."""
+    cfg = parse_args(["--size", "tiny", "--train-paths", "a.jsonl", "b.jsonl", "--no-progress-bar",
+                      "--learning-rate=3e-3", "--model.swa-window", "16"])
+    assert cfg.data.train_paths == ("a.jsonl", "b.jsonl") and cfg.progress_bar is False
+    assert cfg.learning_rate == 3e-3 and cfg.model.swa_window == 16
+    with pytest.raises(ConfigError, match=r"unknown argument.*'--train-pathz'.*did you mean "
+                       r"--train_paths"):
+        parse_args(["--train-pathz", "a"])
+
+
+def test_help_prints_every_flag_cleanly():
+    text = tc.build_parser().format_help()  # argparse %-formats each help string
+    assert "~20% slower" in text and "~15% slower" in text and "'option_strings'" not in text
+
+
+def test_a_resume_may_change_only_training_time_model_fields():
+    saved = load_preset("tiny")
+    tc.check_resumed_model(saved, saved.replace(dropout=0.1, block_size=128, label_smoothing=0.1),
+                           "ckpt")
+    with pytest.raises(ConfigError, match=r"ckpt was trained with another model: swa_window=32 "
+                       r"there, 8 in this run, rope_theta=10000.0 there, 500.0 in this run"):
+        tc.check_resumed_model(saved, saved.replace(swa_window=8, rope_theta=500.0), "ckpt")
