@@ -118,6 +118,24 @@ def _abbrev(items, n=6):
     return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
+def apply_overrides(cfg: ModelConfig, overrides: dict, source: str) -> ModelConfig:
+    """``cfg`` with a loader's ``config_overrides``, which may change only what no weight depends
+    on (block_size, dropout...): one that changes a tensor's shape is refused as the caller's
+    mistake (the checkpoint's tensors would otherwise be blamed for not matching)."""
+    if not overrides:
+        return cfg
+    new = cfg.replace(**overrides)
+    before = expected_shapes(cfg)
+    if expected_shapes(new) == before:
+        return new
+    bad = [k for k in overrides if expected_shapes(cfg.replace(**{k: overrides[k]})) != before]
+    raise CheckpointError(
+        "override " + ", ".join(f"{k}={overrides[k]!r} (checkpoint: {getattr(cfg, k)!r})"
+                                for k in (bad or overrides))
+        + f" changes the shapes of the weights in {source}: drop it (only fields no weight "
+        "depends on, such as block_size or dropout, can be overridden when loading)")
+
+
 def save_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: str | Path, *,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write ``config.json`` and the safetensors weights into ``directory`` atomically.

@@ -20,8 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from swamla.config import ModelConfig, check_target_ids, check_token_ids, resolve_config
-from swamla.portable import (CheckpointError, atomic_directory, check_tensors, load_portable,
-                             save_portable)
+from swamla.portable import (CheckpointError, apply_overrides, atomic_directory, check_tensors,
+                             load_portable, save_portable)
 from swamla_jax.model import SWAMLA
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
@@ -161,8 +161,7 @@ def load_pretrained(directory: str | Path, *, dtype="float32", remat_policy: str
                     **config_overrides) -> Model:
     """A model from a portable checkpoint directory (float32 params, ``dtype`` compute)."""
     cfg, tensors = load_portable(directory)
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
+    cfg = apply_overrides(cfg, config_overrides, str(directory))
     module = _module(cfg, dtype, remat_policy)
     return Model(module, from_portable_tensors(cfg, tensors, abstract_params(module)))
 

@@ -200,7 +200,7 @@ def _load_any(path, *, dtype="float32", **config_overrides) -> Model:
     read through the portable tensors. Raises ``CheckpointError`` naming the accepted formats.
     """
     from swamla.convert_cli import detect_format, read_tensors
-    from swamla.portable import CheckpointError
+    from swamla.portable import CheckpointError, apply_overrides
     from swamla_jax.convert import _module, abstract_params, from_portable_tensors
 
     path = Path(path)
@@ -214,8 +214,7 @@ def _load_any(path, *, dtype="float32", **config_overrides) -> Model:
 
         return swamla_jax.load_pretrained(path, dtype=dtype, **config_overrides)
     cfg, tensors = read_tensors(path)
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
+    cfg = apply_overrides(cfg, config_overrides, str(path))
     module = _module(cfg, dtype, "none")
     return Model(module, from_portable_tensors(cfg, tensors, abstract_params(module)))
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from swamla.config import ModelConfig, resolve_config
-from swamla.portable import CheckpointError, check_tensors, load_portable, save_portable
+from swamla.portable import (CheckpointError, apply_overrides, check_tensors, load_portable,
+                             save_portable)
 from swamla_torch.model import SWAMLA
 
 
@@ -51,8 +52,7 @@ def load_pretrained(directory: str | Path, **config_overrides) -> SWAMLA:
     the loaded tensors are checked against the resulting config.
     """
     cfg, tensors = load_portable(directory)
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
+    cfg = apply_overrides(cfg, config_overrides, str(directory))
     with torch.device("meta"):
         model = SWAMLA(cfg)
     model = model.to_empty(device="cpu")

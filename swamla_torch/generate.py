@@ -176,7 +176,7 @@ def _load_any(path, **config_overrides) -> SWAMLA:
     through the portable tensors. Raises ``CheckpointError`` naming the accepted formats.
     """
     from swamla.convert_cli import detect_format, read_tensors
-    from swamla.portable import CheckpointError
+    from swamla.portable import CheckpointError, apply_overrides
     from swamla_torch.convert import load_portable_tensors, load_pretrained
 
     path = Path(path)
@@ -187,8 +187,7 @@ def _load_any(path, **config_overrides) -> SWAMLA:
     if detect_format(path) == "portable":
         return load_pretrained(path, **config_overrides)
     cfg, tensors = read_tensors(path)
-    if config_overrides:
-        cfg = cfg.replace(**config_overrides)
+    cfg = apply_overrides(cfg, config_overrides, str(path))
     with torch.device("meta"):
         model = SWAMLA(cfg)
     return load_portable_tensors(model.to_empty(device="cpu"), tensors, str(path))

@@ -82,6 +82,15 @@ def test_config_that_does_not_match_weights(ckpt, load):
 
 
 @pytest.mark.parametrize("load", LOADERS)
+def test_override_that_changes_the_weights_shapes(ckpt, load):
+    """The caller's override is at fault, not the checkpoint; a shape-free one is fine."""
+    with pytest.raises(CheckpointError, match=r"override n_embd=128 \(checkpoint: \d+\) changes "
+                       r"the shapes of the weights"):
+        load(ckpt, n_embd=128)
+    assert load(ckpt, block_size=128, dropout=0.1).config.block_size == 128
+
+
+@pytest.mark.parametrize("load", LOADERS)
 def test_not_a_checkpoint(tmp_path, load):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nope")
