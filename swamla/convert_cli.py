@@ -20,7 +20,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from swamla.portable import (CheckpointError, atomic_file, check_destination,
+from swamla.portable import (CheckpointError, check_destination,
                              is_portable_checkpoint, is_weights_checkpoint, load_portable,
                              save_portable)
 
@@ -133,10 +133,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "float32", *
         with torch.device("meta"):
             model = swamla_torch.SWAMLA(cfg)
         model = load_portable_tensors(model.to_empty(device="cpu"), tensors, str(src))
-        what, is_same_kind = WRITTEN["torch"]
-        with atomic_file(dst, what=what, is_same_kind=is_same_kind) as tmp:
-            swamla_torch.save_native(model, tmp)
-        return dst
+        return swamla_torch.save_native(model, dst)
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from swamla.config import ModelConfig, resolve_config
-from swamla.portable import (CheckpointError, apply_overrides, check_tensors, load_portable,
-                             save_portable)
+from swamla.portable import (CheckpointError, apply_overrides, atomic_file, check_tensors,
+                             load_portable, save_portable)
 from swamla_torch.model import SWAMLA
 
 
@@ -61,12 +61,12 @@ def load_pretrained(directory: str | Path, **config_overrides) -> SWAMLA:
 
 def save_native(model: SWAMLA, path: str | Path) -> Path:
     """The native PyTorch checkpoint: one ``.pt`` file with the config and the state dict."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": model.config.to_json_dict(), "model": model.state_dict()}, tmp)
-    tmp.replace(path)
-    return path
+    from swamla.convert_cli import WRITTEN
+
+    what, is_same_kind = WRITTEN["torch"]  # replaces only another such file, atomically
+    with atomic_file(path, what=what, is_same_kind=is_same_kind) as tmp:
+        torch.save({"config": model.config.to_json_dict(), "model": model.state_dict()}, tmp)
+    return Path(path)
 
 
 def load_native(path: str | Path) -> SWAMLA:
