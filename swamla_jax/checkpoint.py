@@ -26,7 +26,8 @@ class Checkpointer:
     def __init__(self, output_dir: str | Path, keep: int, async_save: bool = True):
         self.directory = Path(output_dir).absolute() / CHECKPOINT_DIR
         options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)  # of killed saves
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
 

@@ -206,7 +206,10 @@ def test_a_resume_that_cannot_continue_the_run_leaves_it_as_it_was(shards, tmp_p
                        r"or damaged. Move it out of the way \(mv .*\) to resume from step 1"):
         train(parse_args(flags(shards, out, "--max_iters", "3")))
     (out / "checkpoints" / "2").rename(out / "broken_step_2")
+    killed = out / "checkpoints" / "3.orbax-checkpoint-tmp-1764300000000000"  # a save killed
+    (killed / "state").mkdir(parents=True)
     assert train(parse_args(flags(shards, out, "--max_iters", "3")))["step"] == 3
+    assert not killed.exists()
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
