@@ -2,9 +2,11 @@
 
     python scripts/check_setup.py [--data PATHS...] [--tokenizer NAME]
 
-Reports package versions, accelerators and FP8 capability, loads the tokenizer, checks that the
-data is reachable (local paths, or the FineWeb-Edu stream), and runs one tiny JAX training step and
-one tiny PyTorch step. Exits non-zero if a required piece fails; each line says what to fix.
+Reports package versions, accelerators and FP8 capability, loads the tokenizer, reads the first
+batch of the data through the training data pipeline (local text files or shard directories, paths
+or globs, relative or absolute; without --data, the FineWeb-Edu stream, optional), and runs one tiny
+JAX training step and one tiny PyTorch step. Exits non-zero if a required piece fails; each line
+says what to fix.
 """
 
 from __future__ import annotations
@@ -49,27 +51,38 @@ def devices():
 
 
 def tokenizer(name):
-    from swamla.tokenizer import load_tokenizer
+    from swamla.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
     tok = load_tokenizer(name)
     ids = tok.encode("Hello world")
-    if list(ids) != [15496, 995]:
+    if tok.name == DEFAULT_TOKENIZER and list(ids) != [15496, 995]:  # GPT-2's known ids
         raise RuntimeError(f"'Hello world' encoded to {ids}, expected [15496, 995]")
+    if tok.decode(ids) != "Hello world":
+        raise RuntimeError(f"'Hello world' encoded to {ids} decodes to {tok.decode(ids)!r}")
     return f"{name} -> {tok.origin}, 'Hello world' = {list(ids)}"
 
 
-def data(paths):
-    if paths:
-        missing = [p for p in paths if not any(Path().glob(p)) and not Path(p).exists()]
-        if missing:
-            raise FileNotFoundError(f"{missing} not found")
-        return f"local data {paths}"
+def _is_shards(path: str) -> bool:
+    """Pre-tokenized data: ``.bin`` files (or globs of them) or a directory holding some."""
+    return path.endswith(".bin") or (Path(path).is_dir() and any(Path(path).glob("*.bin")))
+
+
+def data(paths, tokenizer_name, block_size=64, cache_dir=None):
+    """Read the first batch of ``paths`` (or of the FineWeb-Edu stream) as training would."""
     from swamla.data import DataConfig, build_loader
 
-    with build_loader(DataConfig(), "train", batch_size=1, block_size=16, seed=0,
+    cfg = DataConfig(tokenizer_name=tokenizer_name, num_workers=0, cache_dir=cache_dir)
+    label = "FineWeb-Edu stream"
+    if paths:
+        source = "shards" if all(_is_shards(p) for p in paths) else "files"
+        cfg = cfg.replace(source=source, train_paths=tuple(paths))
+        label = f"{source} {' '.join(paths)}"
+    with build_loader(cfg, "train", batch_size=1, block_size=block_size, seed=0,
                       process_index=0, process_count=1) as loader:
-        next(loader)
-    return "FineWeb-Edu stream reachable"
+        batch = next(loader)
+    documents = int(batch.segment_ids.max()) + 1
+    return (f"{label}: first {block_size} tokens read ({documents} document(s), "
+            f"{len(set(batch.inputs.ravel().tolist()))} distinct tokens)")
 
 
 def one_step(tmp, backend: str):
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
     ok &= check("devices", devices)
     print("inputs")
     ok &= check("tokenizer", lambda: tokenizer(args.tokenizer))
-    check("data", lambda: data(args.data), required=bool(args.data))
+    ok &= check("data", lambda: data(args.data, args.tokenizer), required=bool(args.data))
     print("one training step each")
     with tempfile.TemporaryDirectory() as tmp:
         ok &= check("JAX", lambda: one_step(tmp, "jax"))

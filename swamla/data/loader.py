@@ -23,14 +23,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from swamla.data.config import DataConfig, DataError
-from swamla.data.encode import Encoder
-from swamla.data.packing import LanePacker, ShardSampler, segment_ids
+from swamla.data.encode import Encoder, data_tokenizer
+from swamla.data.packing import DocumentCache, LanePacker, ShardSampler, segment_ids
 from swamla.data.shards import ShardSet, find_shards
 from swamla.data.sources import open_source, split_documents
-from swamla.tokenizer import Tokenizer, load_tokenizer
+from swamla.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
 _POLL_S = 0.1  # how often blocked queue calls re-check for shutdown
+_VAL_CACHE_TOKENS = 1 << 22  # 16 MiB of ids: far more than an evaluation reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,12 @@ class DataLoader:
             self._sampler = ShardSampler(self.shards, rows=self.rows, global_rows=self.global_rows,
                                          block_size=block_size, shuffle=self.shuffle, seed=seed)
         else:
-            self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name)
+            self.tokenizer = tokenizer or data_tokenizer(cfg.tokenizer_name)
             self.eos_id = self.tokenizer.eos_id
             self._source, self._hashed = open_source(cfg, split, shuffle=self.shuffle, seed=seed)
+        # Kept across reset(): the worker pool, and for validation the documents already encoded.
+        self._encoder: Encoder | None = None
+        self._cache = DocumentCache(_VAL_CACHE_TOKENS) if split == "val" else None
         self._state = self._initial_state()
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -119,7 +123,8 @@ class DataLoader:
         self._state = _copy_state(state)
 
     def reset(self) -> None:
-        """Back to the first batch (e.g. before each evaluation)."""
+        """Back to the first batch (e.g. before each evaluation); the tokenization workers are kept,
+        and a validation loader keeps the documents it already encoded."""
         self._shutdown()
         self._state = self._initial_state()
 
@@ -129,18 +134,16 @@ class DataLoader:
         if self.kind == "shards":
             yield from self._sampler.batches(state["epoch"], state["batch"])
             return
-        encoder = Encoder(self.tokenizer, self.cfg.num_workers)
-        try:
-            lanes = {int(r): v for r, v in state["lanes"].items()}
-            documents = functools.partial(split_documents, self._source, split=self.split,
-                                          hashed=self._hashed, val_fraction=self.cfg.val_fraction)
-            packer = LanePacker(documents, encoder, rows=self.rows, global_rows=self.global_rows,
-                                block_size=self.block_size, eos_id=self.eos_id,
-                                chunk=self.cfg.tokenize_chunk, lane_state=lanes)
-            for rows, lane_pos in packer.batches():
-                yield rows, {"lanes": lane_pos}
-        finally:
-            encoder.close()
+        if self._encoder is None:
+            self._encoder = Encoder(self.tokenizer, self.cfg.num_workers)
+        lanes = {int(r): v for r, v in state["lanes"].items()}
+        documents = functools.partial(split_documents, self._source, split=self.split,
+                                      hashed=self._hashed, val_fraction=self.cfg.val_fraction)
+        packer = LanePacker(documents, self._encoder, rows=self.rows, global_rows=self.global_rows,
+                            block_size=self.block_size, eos_id=self.eos_id,
+                            chunk=self.cfg.tokenize_chunk, lane_state=lanes, cache=self._cache)
+        for rows, lane_pos in packer.batches():
+            yield rows, {"lanes": lane_pos}
 
     def _make_batch(self, rows: np.ndarray) -> Batch:
         inputs = rows[:, :-1].astype(np.int32)
@@ -199,6 +202,9 @@ class DataLoader:
     def close(self) -> None:
         """Stop the prefetch thread and tokenization workers; safe to call twice."""
         self._shutdown()
+        if getattr(self, "_encoder", None) is not None:
+            self._encoder.close()
+            self._encoder = None
 
     def __enter__(self):
         return self
@@ -207,7 +213,7 @@ class DataLoader:
         self.close()
 
     def __del__(self):
-        self._shutdown()
+        self.close()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:

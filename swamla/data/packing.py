@@ -15,6 +15,13 @@ once, in order. A lane's position is ``[g, epoch, raw, offset]``: its current do
 source yields it, and how many of its tokens were already emitted; a process restarts its reader at
 the earliest such document among its lanes.
 
+Documents are tokenized in chunks as the lanes run dry. Chunk boundaries never change a row (each
+document is encoded on its own), only when the work is done, so they are sized for latency: a
+chunk ends after ``chunk`` documents, at the end of a pass over the source (a small file is never
+cycled many times to fill one chunk), or once its text reaches a character budget that starts at
+about one batch of this process's rows and doubles with each chunk (the first batch comes after
+about a batch's worth of tokenizing; later chunks reach the full batching of ``chunk``).
+
 Segment ids count EOS tokens before each input position, so a document's tokens and its closing
 EOS share one id, and each row starts at 0.
 """
@@ -28,6 +35,8 @@ import numpy as np
 
 from swamla.data.config import DataError
 from swamla.data.shards import ShardSet
+
+_CHARS_PER_TOKEN = 4  # about GPT-2's average on English text; only sizes chunks, never rows
 
 
 def segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
@@ -81,18 +90,43 @@ class _Lane:
         self.offset = 0
 
 
+class DocumentCache:
+    """Encoded documents (ids with EOS) by source position ``(epoch, raw)``, up to a token budget.
+
+    Kept by the validation loader across resets: every evaluation re-reads the same documents
+    from the start, so only the first evaluation tokenizes them. A position always holds the same
+    text (sources are deterministic), which is what makes the key valid.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.ids: dict[tuple[int, int], np.ndarray] = {}
+        self.room = max_tokens
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        return self.ids.get(key)
+
+    def put(self, key: tuple[int, int], ids: np.ndarray) -> None:
+        if len(ids) <= self.room:
+            self.ids[key] = ids
+            self.room -= len(ids)
+
+
 class LanePacker:
     """Rows of global batches packed from a sequential document source (module docstring).
 
     ``documents(epoch, raw, g)`` yields ``(g, epoch, raw, text)`` from a restart point;
     ``encode(texts)`` returns their ids. Only documents of this process's lanes are tokenized.
+    ``cache`` (optional, a ``DocumentCache``) holds ids already encoded and takes new ones.
     """
 
     def __init__(self, documents: Callable[..., Iterator], encode: Callable, *, rows: range,
                  global_rows: int, block_size: int, eos_id: int, chunk: int,
-                 lane_state: dict[int, list[int]] | None):
+                 lane_state: dict[int, list[int]] | None, cache: DocumentCache | None = None):
         self.rows, self.global_rows, self.span = rows, global_rows, block_size + 1
         self.encode, self.eos_id, self.chunk = encode, eos_id, chunk
+        self.cache = cache
+        self.budget = len(rows) * self.span * _CHARS_PER_TOKEN  # characters of the next chunk
+        self.pending = None  # a document read past the end of a pass, first in the next chunk
         self.lanes = {r: _Lane() for r in rows}
         self.buffers = {r: collections.deque() for r in rows}
         if lane_state:
@@ -107,16 +141,31 @@ class LanePacker:
             self.reader = documents(epoch=0, raw=0, g=0)
 
     def _read_chunk(self) -> None:
-        texts, metas = [], []
-        while len(texts) < self.chunk:
-            g, epoch, raw, text = next(self.reader)
+        """Tokenize the next documents of this process's lanes (chunk sizes: module docstring)."""
+        docs, texts, chars = [], [], 0
+        while len(docs) < self.chunk and chars < self.budget:
+            doc, self.pending = self.pending or next(self.reader), None
+            g, epoch, raw, text = doc
             lane = g % self.global_rows
-            if lane in self.lanes and g >= self.first_g[lane]:
+            if lane not in self.lanes or g < self.first_g[lane]:
+                continue
+            if docs and epoch != docs[0][1]:  # one pass over the source is done
+                self.pending = doc
+                break
+            ids = self.cache.get((epoch, raw)) if self.cache is not None else None
+            if ids is None:
                 texts.append(text)
-                metas.append((g, epoch, raw, lane))
+                chars += len(text)
+            docs.append((g, epoch, raw, lane, ids))
+        self.budget *= 2
+        encoded = iter(self.encode(texts) if texts else ())
         eos = np.array([self.eos_id], dtype=np.uint32)
-        for (g, epoch, raw, lane), ids in zip(metas, self.encode(texts)):
-            self.buffers[lane].append((g, epoch, raw, np.concatenate([ids, eos])))
+        for g, epoch, raw, lane, ids in docs:
+            if ids is None:
+                ids = np.concatenate([next(encoded), eos])
+                if self.cache is not None:
+                    self.cache.put((epoch, raw), ids)
+            self.buffers[lane].append((g, epoch, raw, ids))
 
     def _next_doc(self, r: int) -> None:
         while not self.buffers[r]:

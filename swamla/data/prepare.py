@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from swamla.data.config import DataConfig, DataError
-from swamla.data.encode import Encoder
+from swamla.data.encode import Encoder, data_tokenizer
 from swamla.data.shards import ShardWriter
 from swamla.data.sources import is_val_document, open_source
-from swamla.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = No
     """
     if cfg.source == "shards":
         raise DataError("prepare reads text: --source must be 'fineweb-edu' or 'files'")
-    tokenizer = load_tokenizer(cfg.tokenizer_name)
+    tokenizer = data_tokenizer(cfg.tokenizer_name)
     out_dir = Path(out_dir)
     if any(out_dir.glob("*.bin")):
         raise DataError(f"{out_dir} already holds .bin shards; choose an empty --out directory "
@@ -80,6 +79,10 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = No
     if not summary["train_tokens"]:
         raise DataError(f"no training documents were written to {out_dir}; check the source "
                         "and val_fraction")
+    if summary["train_tokens"] == summary["train_documents"]:  # one EOS per document, no text
+        raise DataError(f"every training document written to {out_dir} is empty (no text in "
+                        f"{', '.join(cfg.train_paths) or cfg.dataset_name}); check text_field "
+                        "and fill the files")
     return summary
 
 
@@ -147,4 +150,5 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:  # a user-facing problem: the message, not a traceback
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

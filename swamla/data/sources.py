@@ -267,14 +267,18 @@ def split_documents(source, *, split: str, hashed: bool, val_fraction: float, ep
     """Endless ``(g, epoch, raw, text)`` over the documents of ``split``, from a restart point."""
     want_val = split == "val"
     while True:
-        full_epoch, found = raw == 0, False
+        full_epoch, found, has_text = raw == 0, False, False
         for raw, text in source.iter_epoch(epoch, raw):
             if hashed and is_val_document(text, val_fraction) != want_val:
                 continue
-            found = True
+            found, has_text = True, has_text or bool(text)
             yield g, epoch, raw, text
             g += 1
         if full_epoch and not found:
             raise DataError(f"{source.label}: no documents in the {split!r} split; add data, or "
                             "for the hash split adjust val_fraction (or give val_paths)")
+        if full_epoch and not has_text:  # the rows would be nothing but EOS tokens
+            raise DataError(f"{source.label}: every document of the {split!r} split is empty "
+                            "(its batches would hold nothing but EOS tokens); check text_field "
+                            "and that the files hold text")
         epoch, raw = epoch + 1, 0

@@ -116,3 +116,38 @@ def test_empty_split_is_an_error(tmp_path, tokenizer):
     with pytest.raises(DataError, match="split='val' needs validation data"):
         build_loader(_cfg(tmp_path, tmp_path / "a.jsonl"), "val", batch_size=1, block_size=8,
                      tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_files_of_only_empty_documents_are_an_error(tmp_path, tokenizer, streaming):
+    """Before: rows of nothing but EOS, trained on silently."""
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    cfg = _cfg(tmp_path, tmp_path / "blank.jsonl", val_paths=(str(tmp_path / "blank.jsonl"),),
+               streaming=streaming)
+    for split in ("train", "val"):
+        with build_loader(cfg, split, batch_size=1, block_size=8, tokenizer=tokenizer) as loader:
+            with pytest.raises(DataError, match=rf"blank.jsonl: every document of the '{split}' "
+                                                "split is empty.*check text_field"):
+                next(loader)
+    (tmp_path / "some.jsonl").write_text('{"text": ""}\n{"text": "a word"}\n')
+    with build_loader(cfg.replace(train_paths=(str(tmp_path / "some.jsonl"),)), batch_size=1,
+                      block_size=8, tokenizer=tokenizer) as loader:
+        assert (next(loader).inputs != tokenizer.eos_id).any()  # some text is enough
+
+
+def test_prepare_of_only_empty_documents_is_an_error(tmp_path):
+    from swamla.data.prepare import prepare
+
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=r"every training document .* is empty \(no text in "
+                                        r".*blank.jsonl\)"):
+        prepare(_cfg(tmp_path, tmp_path / "blank.jsonl"), tmp_path / "out", progress=False)
+
+
+def test_tokenizer_errors_are_data_errors(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(3))
+    with pytest.raises(DataError, match="tokenizer_name: tokenizer directory .*nonexistent_tok "
+                                        "does not exist"):
+        build_loader(_cfg(tmp_path, tmp_path / "a.jsonl",
+                          tokenizer_name=str(tmp_path / "nonexistent_tok")),
+                     batch_size=1, block_size=8)

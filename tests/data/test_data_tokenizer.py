@@ -31,3 +31,18 @@ def test_offline_is_fast_and_logged(caplog):
 def test_unknown_tokenizer_offline_names_the_fix():
     with pytest.raises(TokenizerError, match="not a local directory.*HF_HUB_OFFLINE"):
         load_tokenizer("someone/unknown-tokenizer")
+
+
+def test_missing_directory_and_bad_names_say_what_is_accepted(tmp_path):
+    """Before: huggingface_hub's HFValidationError about repo ids, for a path."""
+    accepted = r"pass a local tokenizer directory.*hub name such as 'openai-community/gpt2'.*'gpt2'"
+    for name in (str(tmp_path / "nonexistent_tok"), "./tok", "a/b/c"):
+        with pytest.raises(TokenizerError,
+                           match=rf"tokenizer directory .* does not exist; {accepted}"):
+            load_tokenizer(name)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerError, match=r"tokenizer.json' is a file, not a directory"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match=rf"'bad name!' is not a local directory and not a "
+                                             rf"valid hub name.*{accepted}"):
+        load_tokenizer("bad name!")
