@@ -41,3 +41,15 @@ def corpus(tmp_path):
                      val_fraction=0.0, shuffle=False, num_workers=0, prefetch=2,
                      tokenize_chunk=64, cache_dir=str(tmp_path / "cache"))
     return docs, cfg
+
+
+class SpyTokenizer:
+    """A tokenizer that records every text it is asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.seen = tok, []
+        self.eos_id, self.name, self.backend = tok.eos_id, tok.name, tok.backend
+
+    def encode_batch(self, texts):
+        self.seen.extend(texts)
+        return self.tok.encode_batch(texts)

@@ -5,24 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_docs, write_jsonl
+from conftest import SpyTokenizer, make_docs, write_jsonl
 
 import swamla.data.loader as loader_module
 from swamla.data import DataConfig, build_loader, merge_states
 
 EOS = 50256
-
-
-class _Spy:
-    """A tokenizer that records every text it is asked to encode."""
-
-    def __init__(self, tok):
-        self.tok, self.seen = tok, []
-        self.eos_id, self.name, self.backend = tok.eos_id, tok.name, tok.backend
-
-    def encode_batch(self, texts):
-        self.seen.extend(texts)
-        return self.tok.encode_batch(texts)
 
 
 def _rows(batch):
@@ -43,7 +31,7 @@ def small_file(tmp_path):
 def test_first_batch_tokenizes_about_what_it_needs(corpus, small_file, tokenizer):
     """Before: the first chunk was tokenize_chunk documents, cycling a 3-document file 171 times."""
     for cfg in (small_file[1], corpus[1]):
-        spy = _Spy(tokenizer)
+        spy = SpyTokenizer(tokenizer)
         with build_loader(cfg, batch_size=2, block_size=16, tokenizer=spy) as loader:
             next(loader)
             seen = len(spy.seen)
@@ -59,7 +47,7 @@ def test_reset_keeps_workers_and_encoded_validation_documents(small_file, tokeni
             built.append(self)
             super().__init__(*args, **kwargs)
     monkeypatch.setattr(loader_module, "Encoder", CountingEncoder)
-    spy = _Spy(tokenizer)
+    spy = SpyTokenizer(tokenizer)
     evals, tokenized = [], []
     with build_loader(small_file[1], "val", batch_size=4, block_size=16,
                       tokenizer=spy) as loader:

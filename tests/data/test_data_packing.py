@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SpyTokenizer
 
 from swamla.data import DataError, build_loader, merge_states
 from swamla.data.packing import segment_ids
@@ -92,19 +93,9 @@ def test_world_size_invariance(kind, corpus, shards, tokenizer):
                                                                       seed=8)))
 
 
-class _SpyTokenizer:
-    def __init__(self, tok):
-        self.tok, self.seen = tok, []
-        self.eos_id, self.name, self.backend = tok.eos_id, tok.name, tok.backend
-
-    def encode_batch(self, texts):
-        self.seen.extend(texts)
-        return self.tok.encode_batch(texts)
-
-
 def test_ranks_read_disjoint_documents(corpus, tokenizer):
     docs, cfg = corpus
-    spies = [_SpyTokenizer(tokenizer) for _ in range(2)]
+    spies = [SpyTokenizer(tokenizer) for _ in range(2)]
     for p, spy in enumerate(spies):
         with build_loader(cfg, batch_size=2, block_size=16, process_index=p, process_count=2,
                           tokenizer=spy) as loader:
