@@ -28,11 +28,11 @@ from swamla.config import ConfigError, ModelConfig, check_token_ids, count_param
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
 from swamla.metrics import MetricsLogger, ProgressBar, check_logging_packages, plot_metrics
+from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
                                  check_resumed_model)
-from swamla.portable import remove_stale_temporaries
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings

@@ -297,11 +297,11 @@ def test_restore_on_another_device_count(shards, tmp_path):
     stop_at_4 = textwrap.dedent("""
         import os, signal
         _orig, _n = t._next_batch, [0]
-        def _hook(*a, **k):
-            _n[0] += 1
+        def _hook(loader, *a):
+            _n[0] += loader.split == "train"  # the validation split is read once at start
             if _n[0] == 4:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return _orig(*a, **k)
+            return _orig(loader, *a)
         t._next_batch = _hook
     """).replace("\n", "\n        ")
     run_in_subprocess(flags(shards, moved, "--batch_size", "1", "--max_iters", "10"), devices=8,
@@ -325,9 +325,9 @@ def test_two_processes_match_one(shards, tmp_path):
                JAX_PLATFORMS="cpu")
     # process 1 alone is signalled, while its 5th batch loads (before step 5 is queued)
     sigterm_at_5 = ("import os, signal\n_orig, _n = t._next_batch, [0]\n"
-                    "def _hook(*a, **k):\n    _n[0] += 1\n    if _n[0] == 5:\n"
-                    "        os.kill(os.getpid(), signal.SIGTERM)\n    return _orig(*a, **k)\n"
-                    "t._next_batch = _hook\n")
+                    "def _hook(loader, *a):\n    _n[0] += loader.split == 'train'\n"
+                    "    if _n[0] == 5:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                    "    return _orig(loader, *a)\nt._next_batch = _hook\n")
     for run in ("interrupted", "resumed"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
