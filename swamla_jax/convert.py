@@ -169,19 +169,16 @@ def load_pretrained(directory: str | Path, *, dtype="float32", remat_policy: str
 NATIVE_PARAMS_DIR = "params"
 
 
-def is_native_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / NATIVE_PARAMS_DIR).is_dir() and (path / "config.json").is_file()
-
-
 def save_native(model: Model, directory: str | Path) -> Path:
     """The native JAX checkpoint: ``config.json`` plus an Orbax checkpoint of the params, written
     atomically; an existing ``directory`` is replaced only if empty or a native checkpoint."""
     import orbax.checkpoint as ocp
 
+    from swamla.convert_cli import WRITTEN
+
     directory = Path(directory).absolute()
-    with atomic_directory(directory, what="native JAX checkpoint",
-                          is_same_kind=is_native_checkpoint) as tmp:
+    what, is_same_kind = WRITTEN["jax"]  # replaces only another native JAX checkpoint
+    with atomic_directory(directory, what=what, is_same_kind=is_same_kind) as tmp:
         with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the save
             ckptr.save(tmp / NATIVE_PARAMS_DIR, model.params)
         model.config.save(tmp / "config.json")
@@ -191,8 +188,10 @@ def save_native(model: Model, directory: str | Path) -> Path:
 def load_native(directory: str | Path, *, dtype="float32") -> Model:
     import orbax.checkpoint as ocp
 
+    from swamla.convert_cli import is_jax_checkpoint
+
     directory = Path(directory).absolute()
-    if not is_native_checkpoint(directory):
+    if not is_jax_checkpoint(directory):
         raise CheckpointError(f"{directory} is not a native SWA-MLA JAX checkpoint "
                               f"(expected config.json and {NATIVE_PARAMS_DIR}/)")
     module = _module(ModelConfig.load_saved(directory / "config.json"), dtype, "none")
