@@ -65,6 +65,16 @@ def _bwd_select(gate_up, d_out):
     return (layers._swiglu_select_grad(gate_up, d_out, False),)
 
 
+def _bwd_select_halves(gate_up, d_out):
+    """The model's backward up to run 16: each half's gradient computed once on the (..., 1, F)
+    halves and broadcast into one select. On an H200, inside the step, XLA wrote a float32
+    half between two passes rather than redo the sigmoid for both halves."""
+    up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
+    d_up, d_gate = layers._swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
+    return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
+
+
 def _swiglu_model(gate_up):
     """The model's SwiGLU as its bf16 step runs it (FP8 rounds the gradient's halves first)."""
     return layers._swiglu(gate_up, False)
@@ -73,7 +83,9 @@ def _swiglu_model(gate_up):
 SWIGLU = (("model (layers._swiglu: select after a barrier)", _swiglu_model),
           ("autodiff, bf16 silu", _swiglu_autodiff),
           ("custom vjp, halves stacked", _with_backward(_bwd_stacked)),
-          ("custom vjp, select, no barrier", _with_backward(_bwd_select)))
+          ("custom vjp, select, no barrier", _with_backward(_bwd_select)),
+          ("custom vjp, select of broadcast halves (up to run 16)",
+           _with_backward(_bwd_select_halves)))
 
 
 # --- RoPE candidates on interleaved pairs -------------------------------------------------------

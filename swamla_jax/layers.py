@@ -171,16 +171,29 @@ def _swiglu_grads(up, gate, d):
 
 
 def _swiglu_select_grad(gate_up, d_out, round_halves: bool):
-    """The gradient of the fused (..., 2, F) tensor in one elementwise pass: each element picks
-    its half from one broadcast expression. Stacking the two halves, or autodiff's sum of two
-    zero-padded halves, ran at 1.4 / 2.3 TB/s against this form's 2.8 (H100,
-    benchmarks/bench_passes.py); the step gained 1% (BENCHMARKS.md, run 10)."""
-    dt = gate_up.dtype
-    up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    d_up, d_gate = _swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    """The gradient of the fused (..., 2, F) tensor in one elementwise pass that selects each
+    element's half. Stacking the two halves, or autodiff's sum of two zero-padded halves, ran at
+    1.4 / 2.3 TB/s against a select's 2.8 (H100, benchmarks/bench_passes.py; BENCHMARKS.md,
+    run 10).
+
+    Without FP8, every element reads its own value and its partner in the other half (a
+    reversed view of the same tensor) and computes its own half's formula, so nothing in the
+    pass has the (..., 1, F) shape of one half. Computed once per half and broadcast, on an H200
+    XLA would not redo each half's sigmoid for both outputs: it wrote a float32 half between two
+    passes, 2.2 GB a layer on base instead of 1.0, and the step was 2.4% slower (run 16). FP8
+    keeps that form: it rounds each half before the select, and the pass is split anyway."""
+    dt, axis = gate_up.dtype, gate_up.ndim - 2
+    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, axis) == 0
+    if round_halves:
+        up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
+        d = d_out[..., None, :].astype(f32)
+    else:
+        own, other = gate_up.astype(f32), lax.rev(gate_up, (axis,)).astype(f32)
+        up, gate = jnp.where(is_up, own, other), jnp.where(is_up, other, own)
+        d = jnp.broadcast_to(d_out[..., None, :], gate_up.shape).astype(f32)
+    d_up, d_gate = _swiglu_grads(up, gate, d)
     if round_halves:
         d_up, d_gate = d_up.astype(dt), d_gate.astype(dt)
-    is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
     return jnp.where(is_up, d_up, d_gate).astype(dt)
 
 

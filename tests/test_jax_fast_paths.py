@@ -190,6 +190,20 @@ def test_swiglu_gradient_is_the_same_with_its_halves_rounded_first():
     assert rel(grads[1], ref) < 1e-2  # bf16 rounding of the result only
 
 
+def test_swiglu_backward_has_no_one_half_intermediate():
+    """Without FP8 the backward computes at the fused (..., 2, F) shape only: a sigmoid on one
+    (..., 1, F) half, broadcast into the select, is what XLA wrote out as a float32 half between
+    two passes on an H200 (BENCHMARKS.md, run 16)."""
+    from swamla_jax import layers
+
+    gu = jnp.zeros((2, 7, 2, 16), jnp.bfloat16)
+    bwd = jax.make_jaxpr(lambda g, d: jax.vjp(lambda g: layers._swiglu(g, False), g)[1](d))(
+        gu, jnp.zeros((2, 7, 16), jnp.bfloat16))
+    # The backward's equations (the forward's own sigmoid lies inside the custom_vjp call).
+    sigmoids = [e.outvars[0].aval.shape for e in bwd.jaxpr.eqns if e.primitive.name == "logistic"]
+    assert sigmoids and set(sigmoids) == {gu.shape}, sigmoids
+
+
 # ---------------------------------------------------------------------------- FP8
 def test_fp8_matmul_is_close_and_differentiable():
     rng = np.random.default_rng(2)
