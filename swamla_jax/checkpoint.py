@@ -3,12 +3,14 @@
 A checkpoint is ``output_dir/checkpoints/<step>/`` with two items: ``state`` (the TrainState:
 params, optimizer state, step, RNG, bad-step count) and ``meta`` (JSON: data loader position,
 counters, the run's TrainConfig). Orbax writes into a temporary directory and renames it when
-complete, so a kill mid-save leaves the previous checkpoints as they were. Restoring takes the
-target shardings of the *current* mesh, so a run can continue on another device count.
+complete, so a kill mid-save leaves the previous checkpoints as they were; a write that fails
+(a full disk) is a TrainingError naming the step and the last good checkpoint. Restoring takes
+the target shardings of the *current* mesh, so a run can continue on another device count.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from swamla.portable import CheckpointError
+from swamla.train_config import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -30,6 +33,7 @@ class Checkpointer:
                                                cleanup_tmp_directories=True)  # of killed saves
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
+        self._in_flight: int | None = None  # the step of an asynchronous save not yet waited on
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -38,10 +42,33 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state, meta: dict[str, Any], *, wait: bool = False) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.wait()  # Orbax runs one save at a time; a failure of the previous one is its own
+        with self._write_errors(step):
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._in_flight = step
         if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight is on disk (a TrainingError if it could not be)."""
+        step, self._in_flight = self._in_flight, None
+        with self._write_errors(step):
             self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        try:
+            yield
+        except (OSError, ValueError) as e:  # tensorstore's I/O errors are ValueErrors
+            last = self._manager.latest_step()  # only a complete save is renamed into place
+            line = (str(e).strip().splitlines() or [""])[0]  # the OS's reason comes last
+            reason = line if len(line) <= 300 else "..." + line[-300:]
+            raise TrainingError(
+                f"could not save the checkpoint of step {step} in {self.directory} "
+                f"({type(e).__name__}: {reason}). The last good checkpoint, "
+                f"{self.directory / str(last) if last is not None else 'none'}, is intact: free "
+                "space (or point --output_dir elsewhere) and resume with --resume auto") from e
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, laid out as ``abstract_state``'s shardings say."""
@@ -65,12 +92,11 @@ class Checkpointer:
                 f"{self.directory.parent / f'broken_step_{step}'}) to resume from "
                 + (f"step {earlier[-1]}" if earlier else "the start")) from e
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_with_shardings(shapes, shardings):

@@ -213,6 +213,44 @@ def test_a_resume_that_cannot_continue_the_run_leaves_it_as_it_was(shards, tmp_p
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
 
+def test_a_full_disk_names_the_step_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    """Once step 1 is saved, the file system refuses large files (RLIMIT_FSIZE: the write fails
+    with EFBIG, as it would with ENOSPC on a full disk). Orbax's asynchronous write of step 2
+    fails; train_jax.py names that step and step 1 as intact, and a resume continues from it."""
+    from swamla_jax.train import train
+
+    out = tmp_path / "run"
+    argv = flags(shards, out, "--max_iters", "3", "--save_interval", "1")
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        from swamla_jax import checkpoint
+        from train_jax import main
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+        save = checkpoint.Checkpointer.save
+
+        def save_then_fill_the_disk(self, step, *args, **kwargs):
+            save(self, step, *args, **kwargs)
+            if step == 1:
+                self.wait()
+                resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+
+        checkpoint.Checkpointer.save = save_then_fill_the_disk
+        sys.exit(main({argv!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    ckpts = out / "checkpoints"
+    assert (f"error: could not save the checkpoint of step 2 in {ckpts} (ValueError: " in
+            proc.stderr), proc.stderr[-4000:]
+    assert "File too large" in proc.stderr
+    assert f"The last good checkpoint, {ckpts / '1'}, is intact" in proc.stderr
+    assert train(parse_args(argv))["step"] == 3  # resumed from step 1, the partial save cleared
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2", "3"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+
+
 def test_an_empty_validation_split_fails_before_training(tmp_path):
     from swamla.data import DataError
     from swamla_jax.train import train
