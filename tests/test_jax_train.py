@@ -197,7 +197,9 @@ def test_a_resume_that_cannot_continue_the_run_leaves_it_as_it_was(shards, tmp_p
                          (("--optimizer_type", "lion"), "optimizer_type='adamw', this run has "
                                                         "'lion'"),
                          (("--bf16_moments",), "bf16_moments=False, this run has True"),
-                         (("--resume", str(out / "checkpoints" / "1")), "already holds")):
+                         (("--resume", str(out / "checkpoints" / "1")),
+                          r"one of this run's own checkpoints \(latest: step 2\): to go back to "
+                          r"it, move the newer checkpoints out of .*checkpoints")):
         with pytest.raises(ConfigError, match=match):
             train(parse_args(flags(shards, out, "--max_iters", "3", *extra)))
         assert (out / "train_config.json").read_text() == saved

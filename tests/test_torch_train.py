@@ -322,6 +322,9 @@ def test_relaunching_an_imported_run_never_rewinds_it(shards, tmp_path):
     assert train(moved)["step"] == 4
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(moved.replace(max_iters=5))
+    with pytest.raises(ValueError, match="one of this run's own checkpoints .* move the newer"):
+        train(start.replace(max_iters=5, resume=str(tmp_path / "a" / "checkpoints"
+                                                    / "step_00000003")))
     with pytest.raises(ValueError, match="resume=none but"):
         train(moved.replace(max_iters=5, resume="none"))
     saved = TrainConfig.load(tmp_path / "b" / "train_config.json")
