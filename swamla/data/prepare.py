@@ -6,7 +6,9 @@
 Documents are read once in source order (no shuffle: the loader shuffles sequences), split into
 train/val by the same stable text hash the text loaders use (or ``--val-paths``), tokenized in
 batches, EOS-terminated and appended to ``train_*.bin`` / ``val_*.bin`` shards with JSON sidecars
-(see ``shards``). Train with ``--source shards --train-paths data/``.
+(see ``shards``). Train with ``--source shards --train-paths data/``. Shards are written to a
+hidden ``.partial-<pid>`` directory inside the output and moved into it only once every check
+has passed, so a failed or interrupted run leaves no shards behind and can simply be re-run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from swamla.data.shards import ShardWriter
 from swamla.data.sources import is_val_document, open_source
 
 logger = logging.getLogger(__name__)
+PARTIAL = ".partial-"  # + the writing process's id: where shards are written before the checks
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = None,
@@ -41,7 +46,36 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = No
     if any(out_dir.glob("*.bin")):
         raise DataError(f"{out_dir} already holds .bin shards; choose an empty --out directory "
                         "so shards of different runs do not mix")
-    writers = {split: ShardWriter(out_dir, split, tokenizer_name=tokenizer.name,
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out_dir)
+    work = out_dir / f"{PARTIAL}{os.getpid()}"
+    work.mkdir()
+    try:
+        summary = _prepare(cfg, tokenizer, work, max_tokens, max_documents, shard_tokens,
+                           progress)
+        # Sidecars first: a shard visible in out_dir always has its sidecar.
+        for path in sorted(work.iterdir(), key=lambda p: (p.suffix != ".json", p.name)):
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"out": str(out_dir), **summary}
+
+
+def _remove_dead_partials(out_dir: Path) -> None:
+    """Remove the partial shards of prepare runs that were killed (their process is gone)."""
+    for path in out_dir.glob(f"{PARTIAL}*"):
+        try:
+            os.kill(int(path.name[len(PARTIAL):]), 0)
+        except ValueError:  # not one of ours
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _prepare(cfg, tokenizer, work, max_tokens, max_documents, shard_tokens, progress) -> dict:
+    writers = {split: ShardWriter(work, split, tokenizer_name=tokenizer.name,
                                   vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
                                   shard_tokens=shard_tokens) for split in ("train", "val")}
     encoder = Encoder(tokenizer, cfg.num_workers)
@@ -71,18 +105,18 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = No
             w.close()
         if bar is not None:
             bar.close()
-    summary = {"out": str(out_dir), "tokenizer": tokenizer.name,
+    summary = {"tokenizer": tokenizer.name,
                "tokenizer_origin": tokenizer.origin, "dtype": writers["train"].dtype.name,
                **{f"{s}_tokens": writers[s].total_tokens for s in writers},
                **{f"{s}_documents": docs[s] for s in docs},
                **{f"{s}_shards": len(writers[s].paths) for s in writers}}
     if not summary["train_tokens"]:
-        raise DataError(f"no training documents were written to {out_dir}; check the source "
+        raise DataError("no training documents were read (none written); check the source "
                         "and val_fraction")
     if summary["train_tokens"] == summary["train_documents"]:  # one EOS per document, no text
-        raise DataError(f"every training document written to {out_dir} is empty (no text in "
-                        f"{', '.join(cfg.train_paths) or cfg.dataset_name}); check text_field "
-                        "and fill the files")
+        raise DataError(f"every training document is empty (no text in "
+                        f"{', '.join(cfg.train_paths) or cfg.dataset_name}; no shard written): "
+                        "check text_field and fill the files")
     return summary
 
 

@@ -1,6 +1,7 @@
 """Each text source on small files, the streaming machinery, and every bad-input error."""
 
 import dataclasses
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,13 +136,32 @@ def test_files_of_only_empty_documents_are_an_error(tmp_path, tokenizer, streami
         assert (next(loader).inputs != tokenizer.eos_id).any()  # some text is enough
 
 
-def test_prepare_of_only_empty_documents_is_an_error(tmp_path):
+def test_a_failed_prepare_writes_no_shards_and_can_be_rerun(tmp_path):
+    """All-empty documents, a malformed line half-way, a killed run: no shard reaches the output
+    directory, so the same command runs again once the input is fixed."""
     from swamla.data.prepare import prepare
 
+    out = tmp_path / "out"
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
-    with pytest.raises(DataError, match=r"every training document .* is empty \(no text in "
-                                        r".*blank.jsonl\)"):
-        prepare(_cfg(tmp_path, tmp_path / "blank.jsonl"), tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match=r"every training document is empty \(no text in "
+                                        r".*blank.jsonl; no shard written\)"):
+        prepare(_cfg(tmp_path, tmp_path / "blank.jsonl"), out, progress=False)
+    assert list(out.iterdir()) == []
+    broken = write_jsonl(tmp_path / "broken.jsonl", make_docs(40))
+    broken.write_text(broken.read_text() + "{not json\n")
+    with pytest.raises(DataError, match="broken.jsonl"):
+        prepare(_cfg(tmp_path, broken, tokenize_chunk=8), out, progress=False)
+    assert list(out.iterdir()) == []
+    killed = out / ".partial-999999999"  # a prepare killed mid-way (no such process)
+    killed.mkdir()
+    (killed / "train_000000.bin").write_bytes(b"\0" * 64)
+    alive = out / f".partial-{os.getpid()}-notes"  # not a process id: left alone
+    alive.mkdir()
+    summary = prepare(_cfg(tmp_path, write_jsonl(tmp_path / "a.jsonl", make_docs(40))), out,
+                      progress=False)
+    assert summary["train_documents"] == 40 and not killed.exists() and alive.exists()
+    assert sorted(p.name for p in out.glob("train_*")) == ["train_000000.bin",
+                                                           "train_000000.json"]
 
 
 def test_tokenizer_errors_are_data_errors(tmp_path, tokenizer):
