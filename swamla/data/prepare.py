@@ -49,6 +49,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, *, max_tokens: int | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out_dir)
     work = out_dir / f"{PARTIAL}{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)  # a killed run's, whose id this process now has
     work.mkdir()
     try:
         summary = _prepare(cfg, tokenizer, work, max_tokens, max_documents, shard_tokens,
