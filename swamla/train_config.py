@@ -334,7 +334,8 @@ def check_resume_target(resume: str, latest: Any, output_dir: str | Path) -> Non
     if Path(output_dir).absolute() in Path(resume).absolute().parents:
         raise ConfigError(f"resume={resume!r} is one of this run's own checkpoints (latest: "
                           f"{latest}): to go back to it, move the newer checkpoints out of "
-                          f"{output_dir} (mv them into another directory) and use --resume auto")
+                          f"{Path(resume).parent} (mv them into another directory) and use "
+                          "--resume auto")
     raise ConfigError(f"resume={resume!r} but {output_dir} already holds checkpoints (latest: "
                       f"{latest}): use --resume auto to continue that run, or another "
                       "--output_dir to start from the given checkpoint")
