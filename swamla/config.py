@@ -320,29 +320,29 @@ def count_params(cfg: ModelConfig) -> int:
 
 def check_token_ids(idx, vocab_size: int) -> None:
     """Raise if any token id lies outside [0, vocab_size) (JAX gathers would clamp silently)."""
-    import numpy as np
-
-    arr = np.asarray(idx)
-    if arr.size == 0:
-        return
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size), got min {lo} "
-                         f"max {hi}: the data was tokenized for a different vocabulary")
+    _check_ids(idx, vocab_size, "token ids", None)
 
 
 def check_target_ids(targets, vocab_size: int, ignore_index: int = -100) -> None:
     """Raise if a target other than ``ignore_index`` lies outside [0, vocab_size): the loss's
     gather would give NaN (JAX, too large), another class's log-probability (JAX, negative) or
     an index error (PyTorch; on CUDA a device assert)."""
+    _check_ids(targets, vocab_size, "targets", ignore_index)
+
+
+def _check_ids(ids, vocab_size: int, what: str, ignore_index: int | None) -> None:
     import numpy as np
 
-    t = np.asarray(targets)
-    t = t[t != ignore_index]
-    if t.size and (t.min() < 0 or t.max() >= vocab_size):
-        raise ValueError(f"targets must lie in [0, {vocab_size}) (vocab_size) or be {ignore_index} "
-                         f"(no loss), got min {t.min()} max {t.max()}: the data was tokenized "
-                         "for a different vocabulary")
+    arr = np.asarray(ids)
+    if ignore_index is not None:
+        arr = arr[arr != ignore_index]
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        allowed = "" if ignore_index is None else f" or be {ignore_index} (no loss)"
+        raise ValueError(f"{what} must lie in [0, {vocab_size}) (vocab_size){allowed}, got min "
+                         f"{lo} max {hi}: the data was tokenized for a different vocabulary")
 
 
 def check_sequence_length(T: int, block_size: int) -> None:

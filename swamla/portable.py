@@ -182,18 +182,8 @@ def atomic_directory(directory: str | Path, *, what: str, is_same_kind: Callable
     ``mkdir``/``open`` gives under the process umask.
     """
     directory = Path(directory)
-    check_destination(directory, what, is_same_kind, overwrite=True)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(directory, "tmp")
-    tmp.mkdir()  # a plain mkdir, so the umask's permissions (tempfile.mkdtemp's are always 0700)
-    try:
+    with _staged(directory, what, is_same_kind, lambda tmp: _replace_dir(tmp, directory)) as tmp:
         yield tmp
-        _finish_tree(tmp)
-        _replace_dir(tmp, directory)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-        raise _write_error(directory, e) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once tmp has been swapped in
 
 
 @contextlib.contextmanager
@@ -204,19 +194,33 @@ def atomic_file(path: str | Path, *, what: str, is_same_kind: Callable[[Path], b
     if path.is_dir():
         raise CheckpointError(f"refusing to write a {what} at {path}: it is a directory, and a "
                               f"{what} is one file")
-    check_destination(path, what, is_same_kind, overwrite=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp / path.name
-        _finish_tree(tmp)
+
+    def install(tmp: Path):
         os.replace(tmp / path.name, path)
         _fsync(path.parent)
-    except (OSError, SafetensorError) as e:
-        raise _write_error(path, e) from e
+
+    with _staged(path, what, is_same_kind, install) as tmp:
+        yield tmp / path.name
+
+
+@contextlib.contextmanager
+def _staged(destination: Path, what: str, is_same_kind: Callable[[Path], bool],
+            install: Callable[[Path], None]):
+    """The shared body of the atomic writers: check ``destination``, yield a new temporary
+    sibling directory, then flush it and ``install`` it; on an error remove it and re-raise an
+    OSError as a CheckpointWriteError naming ``destination``."""
+    check_destination(destination, what, is_same_kind, overwrite=True)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(destination, "tmp")
+    tmp.mkdir()  # a plain mkdir, so the umask's permissions (tempfile.mkdtemp's are always 0700)
+    try:
+        yield tmp
+        _finish_tree(tmp)
+        install(tmp)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        raise _write_error(destination, e) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once tmp has been moved into place
 
 
 def _write_error(destination: Path, cause: BaseException) -> CheckpointWriteError:
