@@ -312,6 +312,14 @@ class TrainingError(RuntimeError):
     """A run cannot go on (e.g. too many non-finite steps in a row); its checkpoints are kept."""
 
 
+def save_failed(step: int | None, reason: str, last_good: Any) -> TrainingError:
+    """The error of a checkpoint that could not be written (a full disk): both trainers write
+    into a temporary that only a complete save replaces, so ``last_good`` is intact."""
+    return TrainingError(f"could not save the checkpoint of step {step}: {reason}. The last good "
+                         f"checkpoint, {last_good or 'none'}, is intact: free space (or point "
+                         "--output_dir elsewhere) and resume with --resume auto")
+
+
 # -------------------------------------------------------------------- resuming
 RUN_CONFIG_NAME = "train_config.json"
 # Model fields a resumed run may change: regularization, context length (RoPE extends, no weight

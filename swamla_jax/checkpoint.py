@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from swamla.portable import CheckpointError
-from swamla.train_config import TrainingError
+from swamla.train_config import save_failed
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -64,11 +64,8 @@ class Checkpointer:
             last = self._manager.latest_step()  # only a complete save is renamed into place
             line = (str(e).strip().splitlines() or [""])[0]  # the OS's reason comes last
             reason = line if len(line) <= 300 else "..." + line[-300:]
-            raise TrainingError(
-                f"could not save the checkpoint of step {step} in {self.directory} "
-                f"({type(e).__name__}: {reason}). The last good checkpoint, "
-                f"{self.directory / str(last) if last is not None else 'none'}, is intact: free "
-                "space (or point --output_dir elsewhere) and resume with --resume auto") from e
+            raise save_failed(step, f"{type(e).__name__} in {self.directory}: {reason}",
+                              None if last is None else self.directory / str(last)) from e
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, laid out as ``abstract_state``'s shardings say."""

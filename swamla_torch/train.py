@@ -33,7 +33,7 @@ from swamla.portable import (CheckpointError, check_tensors, remove_stale_tempor
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
-                                 check_resumed_model)
+                                 check_resumed_model, save_failed)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
@@ -233,10 +233,7 @@ class _Run:
                                    step=self.step, bad_steps=self.bad_total,
                                    data_state=merge_states(states))
         except (OSError, CheckpointError) as e:  # e.g. a full disk; the partial save is removed
-            raise TrainingError(f"could not save the checkpoint of step {self.step}: {e}. The "
-                                f"last good checkpoint, {latest_checkpoint(self.out) or 'none'}, "
-                                "is intact: free space (or point --output_dir elsewhere) and "
-                                "resume with --resume auto") from e
+            raise save_failed(self.step, str(e), latest_checkpoint(self.out)) from e
         self._say(f"saved checkpoint {path}")
         return path
 

@@ -244,7 +244,7 @@ def test_a_full_disk_names_the_step_and_keeps_the_last_good_checkpoint(shards, t
                           timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 1, proc.stderr[-4000:]
     ckpts = out / "checkpoints"
-    assert (f"error: could not save the checkpoint of step 2 in {ckpts} (ValueError: " in
+    assert (f"error: could not save the checkpoint of step 2: ValueError in {ckpts}: " in
             proc.stderr), proc.stderr[-4000:]
     assert "File too large" in proc.stderr
     assert f"The last good checkpoint, {ckpts / '1'}, is intact" in proc.stderr
