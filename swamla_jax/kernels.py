@@ -75,15 +75,36 @@ def swa_sink_attention(q, k, v, *, scale: float, window: int, sink: int):
     return _window_sink_attention(q, k, v, scale, window, S)
 
 
-def _sink_scores(q, k_s, scale, window):
-    """Scaled scores of every query against the S sink keys, (B, K, G, T, S) float32, -inf where
-    the key lies inside the query's window (the window part counts it) or in its future."""
-    B, T, N, D = q.shape
-    S, K = k_s.shape[1], k_s.shape[2]
-    qg = q.reshape(B, T, K, N // K, D)
-    s = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k_s, preferred_element_type=f32) * scale
-    i, j = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+# The sink part is S (4 by default) keys against every query: too thin for a GEMM. As einsums it
+# was batched GEMMs over T, and XLA wrote transposed copies of q and dO for them, ~1 GB a layer on
+# base (BENCHMARKS.md, run 17). Written as broadcasts and sums it reads each big tensor in its own
+# layout: the scores and dP are sums over D, dK and dV sums over T, and the sink values and keys
+# mixed into the output and dQ are S multiply-adds in the pass that writes them.
+def _per_head(x_s, G):
+    """(B, S, K, D) sink keys or values -> (B, N, S, D) float32, one copy per query head."""
+    return jnp.repeat(jnp.swapaxes(x_s, 1, 2), G, axis=1).astype(f32)
+
+
+def _sink_scores(q, kh, scale, window):
+    """Scaled scores of every query against the sink keys ``kh`` (B, N, S, D), (B, T, N, S)
+    float32, -inf where the key lies inside the query's window (the window part counts it) or in
+    its future."""
+    T, S = q.shape[1], kh.shape[2]
+    s = jnp.sum(q.astype(f32)[:, :, :, None, :] * kh[:, None], axis=-1) * scale
+    i, j = jnp.arange(T)[:, None, None], jnp.arange(S)[None, None, :]
     return jnp.where(i - j >= window, s, -jnp.inf)
+
+
+def _sink_mix(w, xh):
+    """``sum_j w[..., j] * xh[:, j]``: (B, T, N, S) weights of the sink rows xh (B, N, S, D),
+    unrolled so that it stays elementwise inside the pass around it."""
+    return sum(w[..., j, None] * xh[:, None, :, j] for j in range(xh.shape[2]))
+
+
+def _grouped(x, K):
+    """(B, N, S, D) per query head -> (B, S, K, D), summed over each kv head's G query heads."""
+    B, N, S, D = x.shape
+    return jnp.swapaxes(x.reshape(B, K, N // K, S, D).sum(2), 1, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -92,48 +113,41 @@ def _window_sink_attention(q, k, v, scale: float, window: int, S: int):
 
 
 def _window_sink_fwd(q, k, v, scale, window, S):
-    B, T, N, D = q.shape
-    out_w, lse_w = _cudnn_call(q, k, v, scale, window, True)
-    s = _sink_scores(q, k[:, :S], scale, window)
-    lse_s = jax.nn.logsumexp(s, axis=-1)  # (B, K, G, T); -inf where no sink key is visible
+    G = q.shape[2] // k.shape[2]
+    out_w, lse_w = _cudnn_call(q, k, v, scale, window, True)  # lse_w: (B, N, T)
+    s = _sink_scores(q, _per_head(k[:, :S], G), scale, window)
+    lse_s = jax.nn.logsumexp(s, axis=-1)  # (B, T, N); -inf where no sink key is visible
     p_s = jnp.exp(s - jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)[..., None])
-    out_s = jnp.einsum("BKGTS,BSKD->BTKGD", p_s, v[:, :S].astype(f32)).reshape(B, T, N, D)
-    lse = jnp.logaddexp(lse_w, lse_s.reshape(B, N, T))
-    a_w = jnp.transpose(jnp.exp(lse_w - lse), (0, 2, 1))[..., None]  # (B, T, N, 1)
-    a_s = jnp.transpose(jnp.exp(lse_s.reshape(B, N, T) - lse), (0, 2, 1))[..., None]
+    lse = jnp.logaddexp(jnp.swapaxes(lse_w, 1, 2), lse_s)  # (B, T, N)
+    a_w, a_s = jnp.exp(jnp.swapaxes(lse_w, 1, 2) - lse), jnp.exp(lse_s - lse)
+    out_s = _sink_mix(p_s, _per_head(v[:, :S], G))
     # The barrier keeps the backward pass reading this bf16 output: without it XLA fused the
     # cast into the backward's row sum and kept the float32 merge alive from the forward pass to
     # the backward, one float32 (B, T, N, D) per SWA layer (+2.3 GiB on base at batch 8).
-    out = lax.optimization_barrier((a_w * out_w.astype(f32) + a_s * out_s).astype(q.dtype))
-    return out, (q, k, v, out, lse)
+    out = lax.optimization_barrier(
+        (a_w[..., None] * out_w.astype(f32) + a_s[..., None] * out_s).astype(q.dtype))
+    return out, (q, k, v, out, jnp.swapaxes(lse, 1, 2))
 
 
 def _window_sink_bwd(scale, window, S, res, d_out):
     q, k, v, out, lse = res
     dq, dk, dv = _cudnn_window_bwd(q, k, v, out, lse, d_out, scale, window)
-    k_s, v_s = k[:, :S], v[:, :S]
-    dq_s, dk_s, dv_s = explicit_attention_bwd(_sink_scores(q, k_s, scale, window), q, k_s, v_s,
-                                              out, lse, d_out, scale)
-    dq = (dq.astype(f32) + dq_s).astype(q.dtype)
-    dk = dk.at[:, :S].set((dk[:, :S].astype(f32) + dk_s).astype(dk.dtype))
-    dv = dv.at[:, :S].set((dv[:, :S].astype(f32) + dv_s).astype(dv.dtype))
-    return dq, dk, dv
-
-
-def explicit_attention_bwd(s, q, k, v, out, lse, d_out, scale):
-    """Flash attention's backward for the keys behind the scores ``s`` (B, K, G, T, S), -inf where
-    masked, given the saved statistics of the whole attention (its output and LSE): with
-    ``P = exp(s - lse)`` and ``dS = P (dO . v - sum(dO * out))``, (dq, dk, dv) in float32."""
-    B, T, N, D = q.shape
     K = k.shape[2]
-    p = jnp.exp(s - lse.reshape(B, K, N // K, T)[..., None])
-    do = d_out.reshape(B, T, K, N // K, -1)
-    row = jnp.einsum("BTKGD,BTKGD->BKGT", do, out.reshape(do.shape), preferred_element_type=f32)
-    dp = jnp.einsum("BTKGD,BSKD->BKGTS", do, v, preferred_element_type=f32)
-    ds = p * (dp - row[..., None]) * scale
-    dq = jnp.einsum("BKGTS,BSKD->BTKGD", ds, k.astype(f32)).reshape(B, T, N, D)
-    dk = jnp.einsum("BKGTS,BTKGD->BSKD", ds, q.reshape(B, T, K, N // K, D).astype(f32))
-    dv = jnp.einsum("BKGTS,BTKGD->BSKD", p, do.astype(f32))
+    G = q.shape[2] // K
+    kh, vh = _per_head(k[:, :S], G), _per_head(v[:, :S], G)
+    # The sink keys' share of the merged gradient: flash attention's backward with the merged
+    # statistics, P = exp(s - lse) and dS = P (dO . v - sum(dO * out)).
+    p = jnp.exp(_sink_scores(q, kh, scale, window) - jnp.swapaxes(lse, 1, 2)[..., None])
+    do = d_out.astype(f32)
+    row = jnp.sum(do * out.astype(f32), axis=-1)
+    dp = jnp.sum(do[:, :, :, None, :] * vh[:, None], axis=-1)
+    ds = p * (dp - row[..., None]) * scale  # (B, T, N, S)
+    dq = (dq.astype(f32) + _sink_mix(ds, kh)).astype(q.dtype)
+    dk_s = _grouped(jnp.sum(ds[..., None] * q.astype(f32)[:, :, :, None, :], axis=1), K)
+    dv_s = _grouped(jnp.sum(p[..., None] * do[:, :, :, None, :], axis=1), K)
+    # Updating the S rows in place; a scatter (``.at[].set``) was a full copy of dk and dv.
+    dk = lax.dynamic_update_slice_in_dim(dk, (dk[:, :S].astype(f32) + dk_s).astype(dk.dtype), 0, 1)
+    dv = lax.dynamic_update_slice_in_dim(dv, (dv[:, :S].astype(f32) + dv_s).astype(dv.dtype), 0, 1)
     return dq, dk, dv
 
 
