@@ -75,36 +75,55 @@ def swa_sink_attention(q, k, v, *, scale: float, window: int, sink: int):
     return _window_sink_attention(q, k, v, scale, window, S)
 
 
-# The sink part is S (4 by default) keys against every query: too thin for a GEMM. As einsums it
-# was batched GEMMs over T, and XLA wrote transposed copies of q and dO for them, ~1 GB a layer on
-# base (BENCHMARKS.md, run 17). Written as broadcasts and sums it reads each big tensor in its own
-# layout: the scores and dP are sums over D, dK and dV sums over T, and the sink values and keys
-# mixed into the output and dQ are S multiply-adds in the pass that writes them.
-def _per_head(x_s, G):
-    """(B, S, K, D) sink keys or values -> (B, N, S, D) float32, one copy per query head."""
-    return jnp.repeat(jnp.swapaxes(x_s, 1, 2), G, axis=1).astype(f32)
+# The sink part is S (4 by default) keys against every query. As per-head einsums they were
+# batched GEMMs over (B, N) that XLA fed with transposed copies of q and dO, ~1 GB a layer on
+# base; as sums over D and T, XLA's reductions ran at a fifth of HBM speed (BENCHMARKS.md, run
+# 17). Here each is one GEMM per sequence over all heads at once, reading q, dO in their own
+# (T, N*D) layout: the sink rows sit on a block diagonal, (N*D, N*S), so every head meets only its
+# own; the wasted blocks cost N times a tiny GEMM's FLOPs. The sink values and keys mixed into the
+# output and dQ are S multiply-adds inside the pass that writes them.
+def _block_diagonal(x_s, N):
+    """(B, S, K, D) sink keys or values -> (B, N*D, N*S): block n holds query head n's copy."""
+    B, S, K, D = x_s.shape
+    xh = jnp.repeat(x_s, N // K, axis=2).transpose(0, 2, 3, 1)  # (B, N, D, S)
+    eye = jnp.eye(N, dtype=x_s.dtype)[:, None, :, None]
+    return (xh[:, :, :, None, :] * eye).reshape(B, N * D, N * S)
 
 
-def _sink_scores(q, kh, scale, window):
-    """Scaled scores of every query against the sink keys ``kh`` (B, N, S, D), (B, T, N, S)
-    float32, -inf where the key lies inside the query's window (the window part counts it) or in
-    its future."""
-    T, S = q.shape[1], kh.shape[2]
-    s = jnp.sum(q.astype(f32)[:, :, :, None, :] * kh[:, None], axis=-1) * scale
+def _against_sink(x, rows):
+    """``x (B, T, N, D) . rows`` per head: (B, T, N, S) float32 for block-diagonal rows."""
+    B, T, N, D = x.shape
+    y = jnp.einsum("BTC,BCX->BTX", x.reshape(B, T, N * D), rows, preferred_element_type=f32)
+    return y.reshape(B, T, N, -1)
+
+
+def _sink_grad(w, x, K):
+    """``sum_t w[:, t, n, j] x[:, t, n]`` per head, summed over each kv head's query heads:
+    (B, S, K, D) float32 from weights w (B, T, N, S), cast to x's dtype as flash attention casts
+    P and dS for its dV and dK GEMMs."""
+    B, T, N, D = x.shape
+    S = w.shape[-1]
+    y = jnp.einsum("BTX,BTC->BXC", w.reshape(B, T, N * S).astype(x.dtype), x.reshape(B, T, N * D),
+                   preferred_element_type=f32).reshape(B, N, S, N, D)
+    y = jnp.diagonal(y, axis1=1, axis2=3)  # (B, S, D, N): head n against its own sink rows
+    return y.reshape(B, S, D, K, N // K).sum(-1).transpose(0, 1, 3, 2)
+
+
+def _sink_scores(q, k_rows, scale, window):
+    """Scaled scores of every query against the sink keys, (B, T, N, S) float32, -inf where the
+    key lies inside the query's window (the window part counts it) or in its future."""
+    s = _against_sink(q, k_rows) * scale
+    T, S = s.shape[1], s.shape[3]
     i, j = jnp.arange(T)[:, None, None], jnp.arange(S)[None, None, :]
     return jnp.where(i - j >= window, s, -jnp.inf)
 
 
-def _sink_mix(w, xh):
-    """``sum_j w[..., j] * xh[:, j]``: (B, T, N, S) weights of the sink rows xh (B, N, S, D),
-    unrolled so that it stays elementwise inside the pass around it."""
-    return sum(w[..., j, None] * xh[:, None, :, j] for j in range(xh.shape[2]))
-
-
-def _grouped(x, K):
-    """(B, N, S, D) per query head -> (B, S, K, D), summed over each kv head's G query heads."""
-    B, N, S, D = x.shape
-    return jnp.swapaxes(x.reshape(B, K, N // K, S, D).sum(2), 1, 2)
+def _sink_mix(w, x_s):
+    """``sum_j w[..., j] x_s[:, j]``: weights w (B, T, N, S) of the sink rows x_s (B, S, K, D),
+    (B, T, N, D) float32, unrolled so that it stays elementwise inside the pass around it."""
+    B, T, N, S = w.shape
+    xh = jnp.repeat(x_s, N // x_s.shape[2], axis=2).astype(f32)  # (B, S, N, D)
+    return sum(w[..., j, None] * xh[:, None, j] for j in range(S))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -113,41 +132,37 @@ def _window_sink_attention(q, k, v, scale: float, window: int, S: int):
 
 
 def _window_sink_fwd(q, k, v, scale, window, S):
-    G = q.shape[2] // k.shape[2]
+    N = q.shape[2]
     out_w, lse_w = _cudnn_call(q, k, v, scale, window, True)  # lse_w: (B, N, T)
-    s = _sink_scores(q, _per_head(k[:, :S], G), scale, window)
+    s = _sink_scores(q, _block_diagonal(k[:, :S], N), scale, window)
     lse_s = jax.nn.logsumexp(s, axis=-1)  # (B, T, N); -inf where no sink key is visible
     p_s = jnp.exp(s - jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)[..., None])
     lse = jnp.logaddexp(jnp.swapaxes(lse_w, 1, 2), lse_s)  # (B, T, N)
     a_w, a_s = jnp.exp(jnp.swapaxes(lse_w, 1, 2) - lse), jnp.exp(lse_s - lse)
-    out_s = _sink_mix(p_s, _per_head(v[:, :S], G))
     # The barrier keeps the backward pass reading this bf16 output: without it XLA fused the
     # cast into the backward's row sum and kept the float32 merge alive from the forward pass to
     # the backward, one float32 (B, T, N, D) per SWA layer (+2.3 GiB on base at batch 8).
-    out = lax.optimization_barrier(
-        (a_w[..., None] * out_w.astype(f32) + a_s[..., None] * out_s).astype(q.dtype))
+    out = lax.optimization_barrier((a_w[..., None] * out_w.astype(f32)
+                                    + a_s[..., None] * _sink_mix(p_s, v[:, :S])).astype(q.dtype))
     return out, (q, k, v, out, jnp.swapaxes(lse, 1, 2))
 
 
 def _window_sink_bwd(scale, window, S, res, d_out):
     q, k, v, out, lse = res
     dq, dk, dv = _cudnn_window_bwd(q, k, v, out, lse, d_out, scale, window)
-    K = k.shape[2]
-    G = q.shape[2] // K
-    kh, vh = _per_head(k[:, :S], G), _per_head(v[:, :S], G)
+    N, K = q.shape[2], k.shape[2]
     # The sink keys' share of the merged gradient: flash attention's backward with the merged
     # statistics, P = exp(s - lse) and dS = P (dO . v - sum(dO * out)).
-    p = jnp.exp(_sink_scores(q, kh, scale, window) - jnp.swapaxes(lse, 1, 2)[..., None])
-    do = d_out.astype(f32)
-    row = jnp.sum(do * out.astype(f32), axis=-1)
-    dp = jnp.sum(do[:, :, :, None, :] * vh[:, None], axis=-1)
-    ds = p * (dp - row[..., None]) * scale  # (B, T, N, S)
-    dq = (dq.astype(f32) + _sink_mix(ds, kh)).astype(q.dtype)
-    dk_s = _grouped(jnp.sum(ds[..., None] * q.astype(f32)[:, :, :, None, :], axis=1), K)
-    dv_s = _grouped(jnp.sum(p[..., None] * do[:, :, :, None, :], axis=1), K)
-    # Updating the S rows in place; a scatter (``.at[].set``) was a full copy of dk and dv.
-    dk = lax.dynamic_update_slice_in_dim(dk, (dk[:, :S].astype(f32) + dk_s).astype(dk.dtype), 0, 1)
-    dv = lax.dynamic_update_slice_in_dim(dv, (dv[:, :S].astype(f32) + dv_s).astype(dv.dtype), 0, 1)
+    s = _sink_scores(q, _block_diagonal(k[:, :S], N), scale, window)
+    p = jnp.exp(s - jnp.swapaxes(lse, 1, 2)[..., None])
+    row = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+    ds = p * (_against_sink(d_out, _block_diagonal(v[:, :S], N)) - row[..., None]) * scale
+    dq = (dq.astype(f32) + _sink_mix(ds, k[:, :S])).astype(q.dtype)
+    # The S rows are updated in place; a scatter (``.at[].set``) was a full copy of dk and dv.
+    dk = lax.dynamic_update_slice_in_dim(
+        dk, (dk[:, :S].astype(f32) + _sink_grad(ds, q, K)).astype(dk.dtype), 0, 1)
+    dv = lax.dynamic_update_slice_in_dim(
+        dv, (dv[:, :S].astype(f32) + _sink_grad(p, d_out, K)).astype(dv.dtype), 0, 1)
     return dq, dk, dv
 
 
