@@ -187,6 +187,37 @@ def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
     assert saved and not [a for a in saved if a.dtype == jnp.float32 and a.size >= q.size], saved
 
 
+def test_swa_sink_part_reads_activations_in_their_own_layout(monkeypatch):
+    """The sink part's GEMMs batch over sequences only and nothing of q's size is transposed:
+    per-head GEMMs (batched over B and heads) made XLA write transposed copies of q and dO, ~1 GB
+    a layer on base (BENCHMARKS.md, run 17). cuDNN's calls are stood in for by pass-throughs, so
+    only the sink part and the merge are in the program."""
+    B, T, N, K, D = 2, 64, 4, 2, 8
+    monkeypatch.setattr(kernels, "_cudnn_call", lambda q, k, v, scale, window, lse: (
+        q, jnp.zeros((B, N, T), jnp.float32)))
+    monkeypatch.setattr(kernels, "_cudnn_window_bwd", lambda q, k, v, *rest: (q, k, v))
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((B, T, N, D)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.bfloat16)
+    step = jax.make_jaxpr(jax.grad(lambda q, k: kernels.swa_sink_attention(
+        q, k, k, scale=0.3, window=8, sink=4).astype(jnp.float32).sum(), argnums=(0, 1)))(q, k)
+
+    def eqns(jaxpr):
+        for e in jaxpr.eqns:
+            yield e
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                yield from eqns(sub)
+
+    ops = list(eqns(step.jaxpr))
+    dots = [e for e in ops if e.primitive.name == "dot_general"]
+    for e in dots:
+        (_, _), (batch_lhs, batch_rhs) = e.params["dimension_numbers"]
+        assert tuple(batch_lhs) == tuple(batch_rhs) == (0,), e
+    assert len(dots) == 5  # scores (forward and again backward), dP, dK, dV
+    big_transposes = [e for e in ops if e.primitive.name == "transpose"
+                      and e.invars[0].aval.size >= q.size // 2]
+    assert not big_transposes, big_transposes
+
 # ---------------------------------------------------------------------------- SwiGLU
 def test_swiglu_gradient_is_the_same_with_its_halves_rounded_first():
     """FP8 rounds the two halves of SwiGLU's gradient before joining them (a faster split when
