@@ -133,12 +133,13 @@ def _window_sink_attention(q, k, v, scale: float, window: int, S: int):
 
 def _window_sink_fwd(q, k, v, scale, window, S):
     N = q.shape[2]
-    out_w, lse_w = _cudnn_call(q, k, v, scale, window, True)  # lse_w: (B, N, T)
+    out_w, lse_w = _cudnn_call(q, k, v, scale, window, True)
+    lse_w = jnp.swapaxes(lse_w, 1, 2)  # cuDNN's (B, N, T) -> (B, T, N), as the scores
     s = _sink_scores(q, _block_diagonal(k[:, :S], N), scale, window)
     lse_s = jax.nn.logsumexp(s, axis=-1)  # (B, T, N); -inf where no sink key is visible
     p_s = jnp.exp(s - jnp.where(jnp.isfinite(lse_s), lse_s, 0.0)[..., None])
-    lse = jnp.logaddexp(jnp.swapaxes(lse_w, 1, 2), lse_s)  # (B, T, N)
-    a_w, a_s = jnp.exp(jnp.swapaxes(lse_w, 1, 2) - lse), jnp.exp(lse_s - lse)
+    lse = jnp.logaddexp(lse_w, lse_s)
+    a_w, a_s = jnp.exp(lse_w - lse), jnp.exp(lse_s - lse)
     # The barrier keeps the backward pass reading this bf16 output: without it XLA fused the
     # cast into the backward's row sum and kept the float32 merge alive from the forward pass to
     # the backward, one float32 (B, T, N, D) per SWA layer (+2.3 GiB on base at batch 8).
