@@ -55,7 +55,7 @@ def _with_backward(bwd):
 def _bwd_stacked(gate_up, d_out):
     """The two halves' gradients computed apart and stacked."""
     up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
-    grads = layers._swiglu_grads(up, gate, d_out.astype(f32))
+    grads = layers.swiglu_grads(up, gate, d_out.astype(f32))
     return (jnp.stack(grads, axis=-2).astype(gate_up.dtype),)
 
 
@@ -70,7 +70,7 @@ def _bwd_select_halves(gate_up, d_out):
     halves and broadcast into one select. On an H200, inside the step, XLA wrote a float32
     half between two passes rather than redo the sigmoid for both halves."""
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
-    d_up, d_gate = layers._swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
+    d_up, d_gate = layers.swiglu_grads(up, gate, d_out[..., None, :].astype(f32))
     is_up = lax.broadcasted_iota(jnp.int32, gate_up.shape, gate_up.ndim - 2) == 0
     return (jnp.where(is_up, d_up, d_gate).astype(gate_up.dtype),)
 

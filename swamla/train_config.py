@@ -35,6 +35,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 # "auto": each backend's flash kernel on GPU in 16-bit (cuDNN in JAX, FlexAttention/SDPA in
 # PyTorch), the exact reference path elsewhere.
 ATTENTION_IMPLS = ("auto", "reference", "cudnn", "flex")
+MLP_IMPLS = ("auto", "xla", "pallas")  # swamla_jax.layers.MLP_IMPLS (this module imports no jax)
 
 # The original project's flag names that are not a field's own name (or that must keep pointing at
 # the model even if DataConfig grows a field of the same name).
@@ -109,6 +110,8 @@ class TrainConfig:
     fuse_projections: bool = _f(True, "precision", "JAX: run projections that share an input "
                                 "(SWA q/k/v, MLA query + kv down-projection) as one GEMM (same "
                                 "parameters); off under tensor parallelism")
+    mlp_impl: str = _f("auto", "precision", "JAX: SwiGLU backward kernel: auto (one Pallas "
+                       "kernel on GPU in 16-bit without FP8, else XLA's), xla, or pallas")
     loss_chunk: int = _f(512, "precision", "cross entropy over chunks of this many positions so "
                          "float32 logits never exist for the whole batch; 0 disables")
     # ---- parallelism
@@ -181,6 +184,7 @@ class TrainConfig:
         _choice(self, "compute_dtype", COMPUTE_DTYPES)
         _choice(self, "remat_policy", REMAT_POLICIES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
+        _choice(self, "mlp_impl", MLP_IMPLS)
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) \
                 or self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk must be an integer >= 0, got {self.loss_chunk!r}")

@@ -19,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from swamla.config import ModelConfig
+from swamla.train_config import MLP_IMPLS
 
 Dtype = Any
 f32 = jnp.float32
@@ -93,12 +94,30 @@ def fused_projections(x, params, dtype, dot_general=None):
     parallelism): concatenating sharded columns would interleave the shards.
     """
     kernel = jnp.concatenate([w.astype(dtype) for w, _ in params], axis=1)
-    dot = dot_general or lax.dot_general
-    y = dot(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if dot_general is None:
+        y = lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = _cotangent_written_once(y)
+    else:
+        y = dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if params[0][1] is not None:  # the projections of a block all have biases or none (cfg.bias)
         y = y + jnp.concatenate([b.astype(dtype) for _, b in params])
     splits = list(np.cumsum([w.shape[1] for w, _ in params])[:-1])
     return jnp.split(y, splits, axis=-1)
+
+
+@jax.custom_vjp
+def _cotangent_written_once(y):
+    """The identity, whose cotangent is materialized once for the GEMMs that read it.
+
+    The cotangent of a fused projection is the concatenation of its parts' gradients (dq, dk, dv).
+    Both the dx and the dW GEMM read it, and XLA fused the concatenation into each of them
+    separately, writing the same tensor twice: ~2.2 ms a step on base (BENCHMARKS.md, runs 17
+    and 18). The barrier makes it one tensor with two readers. Not under FP8, whose backward
+    reads the cotangent for its amax and its cast rather than as a GEMM operand."""
+    return y
+
+
+_cotangent_written_once.defvjp(lambda y: (y, None), lambda _, g: (lax.optimization_barrier(g),))
 
 
 class Embed(nn.Module):
@@ -122,14 +141,35 @@ class Embed(nn.Module):
                           preferred_element_type=f32)
 
 
-# The norms and the SwiGLU activation compute in float32 but are cheap to redo: under
-# jax.checkpoint the backward pass recomputes them from their (compute-dtype) inputs, which are
-# kept anyway, instead of keeping float32 intermediates. This halves activation memory at no
-# measurable cost (a remat of elementwise ops only, not of matmuls).
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+# The norms and the SwiGLU activation compute in float32 but are cheap to redo: the backward
+# pass recomputes them from their (compute-dtype) inputs, which are kept anyway, instead of
+# keeping float32 intermediates. This halves activation memory at no measurable cost (a remat of
+# elementwise ops only, not of matmuls).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _rms_norm(x, w, eps, dtype):
+    return _rms_norm_fwd(x, w, eps, dtype)[0]
+
+
+def _rms_norm_fwd(x, w, eps, dtype):
     xf = x.astype(f32)
-    return (w * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))).astype(dtype)
+    rstd = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)  # (..., 1)
+    return (w * (xf * rstd)).astype(dtype), (x, w, rstd)
+
+
+def _rms_norm_bwd(eps, dtype, res, dy):
+    """One pass over x and dy. Besides x, kept anyway, the forward saves only its row statistic
+    (4 bytes a row): under jax.checkpoint the backward read x once more to recompute it, ~1.6 ms
+    a step on base (BENCHMARKS.md, run 18)."""
+    x, w, rstd = res
+    xhat = x.astype(f32) * rstd
+    dyf = dy.astype(f32)
+    g = dyf * w
+    dx = rstd * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    dw = jnp.sum(dyf * xhat, axis=tuple(range(x.ndim - 1)))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(3, 4))
@@ -145,8 +185,8 @@ def _dyt(x, alpha, w, b, dtype):
     return (jnp.tanh(alpha * x.astype(f32)) * w + b).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _swiglu(gate_up, round_halves: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _swiglu(gate_up, round_halves: bool, kernel: bool = False):
     """silu(gate) * up in float32 from the fused projection (..., 2, F) = (up, gate), cast back
     to its dtype. Only ``gate_up``, kept anyway as the GEMM's output, is saved for the backward,
     which writes the gradient of the whole fused tensor in one elementwise pass.
@@ -155,16 +195,19 @@ def _swiglu(gate_up, round_halves: bool):
     joined, for when the gradient feeds more than a GEMM (FP8: an amax reduction and a cast).
     XLA then splits the pass and writes the halves in between, in bf16 rather than float32: +4%
     on base's FP8 step. Without FP8 the one pass stays whole and the rounding after the join is
-    faster: 2% on base's bf16 step (H100; BENCHMARKS.md, run 11). The values are the same."""
+    faster: 2% on base's bf16 step (H100; BENCHMARKS.md, run 11). The values are the same.
+
+    ``kernel`` runs the backward as one Pallas kernel (swamla_jax.mlp_kernels) where it takes
+    the shape; same formula, rounded once at the end like XLA's unrounded form."""
     up, gate = gate_up[..., 0, :].astype(f32), gate_up[..., 1, :].astype(f32)
     return (gate * jax.nn.sigmoid(gate) * up).astype(gate_up.dtype)
 
 
-def _swiglu_fwd(gate_up, round_halves):
-    return _swiglu(gate_up, round_halves), gate_up
+def _swiglu_fwd(gate_up, round_halves, kernel):
+    return _swiglu(gate_up, round_halves, kernel), gate_up
 
 
-def _swiglu_grads(up, gate, d):
+def swiglu_grads(up, gate, d):
     """(d up, d gate) in float32; silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g)."""
     sig = jax.nn.sigmoid(gate)
     return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
@@ -191,13 +234,18 @@ def _swiglu_select_grad(gate_up, d_out, round_halves: bool):
         own, other = gate_up.astype(f32), lax.rev(gate_up, (axis,)).astype(f32)
         up, gate = jnp.where(is_up, own, other), jnp.where(is_up, other, own)
         d = jnp.broadcast_to(d_out[..., None, :], gate_up.shape).astype(f32)
-    d_up, d_gate = _swiglu_grads(up, gate, d)
+    d_up, d_gate = swiglu_grads(up, gate, d)
     if round_halves:
         d_up, d_gate = d_up.astype(dt), d_gate.astype(dt)
     return jnp.where(is_up, d_up, d_gate).astype(dt)
 
 
-def _swiglu_bwd(round_halves, gate_up, d_out):
+def _swiglu_bwd(round_halves, kernel, gate_up, d_out):
+    if kernel:
+        from swamla_jax import mlp_kernels
+
+        if mlp_kernels.supported(gate_up.shape):
+            return (mlp_kernels.swiglu_grad(gate_up, d_out),)
     # The barrier keeps XLA from merging the float32 casts of the gradient with the forward's:
     # merged, a float32 copy of the gate lived from forward to backward (+0.4 GB a layer on base).
     return (_swiglu_select_grad(lax.optimization_barrier(gate_up), d_out, round_halves),)
@@ -284,6 +332,18 @@ def logit_scale(cfg: ModelConfig, positions: jax.Array) -> jax.Array:
     return jnp.clip(scale, cfg.logit_scale_min, cfg.logit_scale_max)
 
 
+def resolve_mlp_impl(name: str, dtype, dot_general=None) -> str:
+    """The one place SwiGLU's backward kernel is chosen: the Pallas kernel on GPU in 16-bit
+    without FP8 (``auto``; FP8 rounds the gradient's halves for its own passes), else XLA's.
+    ``pallas`` off GPU runs in Pallas' interpreter (slow; for tests)."""
+    if name not in MLP_IMPLS:
+        raise ValueError(f"mlp_impl must be one of {MLP_IMPLS}, got {name!r}")
+    if name == "auto":
+        fast_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and dot_general is None
+        return "pallas" if fast_ok and jax.default_backend() == "gpu" else "xla"
+    return name
+
+
 class SwiGLU(nn.Module):
     """``(silu(gate) * up) W_down`` with up and gate from one fused projection (SPEC 4)."""
 
@@ -291,6 +351,7 @@ class SwiGLU(nn.Module):
     dtype: Dtype = f32
     deterministic: bool = True
     dot_general: Callable | None = None
+    impl: str = "xla"  # the backward's kernel (resolve_mlp_impl)
 
     @nn.compact
     def __call__(self, x):
@@ -305,6 +366,6 @@ class SwiGLU(nn.Module):
         gu = Linear(2 * h, ("embed", "mlp"), name="gate_up_proj", view=(2, h),
                     view_axes=("embed", None, "mlp"), **lin)(x)  # (B, T, 2, F): up, gate
         # A dot_general other than XLA's is FP8's, which quantizes the gradient of gu.
-        act = _swiglu(gu, self.dot_general is not None)
+        act = _swiglu(gu, self.dot_general is not None, self.impl == "pallas")
         y = Linear(cfg.n_embd, ("mlp", "embed"), name="down_proj", **lin)(act)
         return nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from swamla.config import (BlockKind, ModelConfig, check_sequence_length, check_target_ids,
                            check_token_ids)
 from swamla_jax.attention import MLAttention, SWAttention, resolve_attention_impl
-from swamla_jax.layers import Dtype, Embed, SwiGLU, block_norm, f32, rope_tables
+from swamla_jax.layers import (Dtype, Embed, SwiGLU, block_norm, f32, resolve_mlp_impl,
+                               rope_tables)
 
 IGNORE_INDEX = -100
 
@@ -47,6 +48,7 @@ class Block(nn.Module):
     dot_general: Callable | None = None
     attention_impl: str = "reference"
     fuse_projections: bool = False
+    mlp_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, ropes, positions):
@@ -61,7 +63,7 @@ class Block(nn.Module):
         x = x + attn(name="attn", attention_impl=self.attention_impl,
                      fuse_projections=self.fuse_projections, **sub)(h, rope, positions)
         h = block_norm(cfg, self.dtype, names[1])(x)
-        return x + SwiGLU(name=names[2], **sub)(h)
+        return x + SwiGLU(name=names[2], impl=self.mlp_impl, **sub)(h)
 
 
 def _block_class(remat_policy: str, scanned: bool):
@@ -84,6 +86,7 @@ class Cycle(nn.Module):
     dot_general: Callable | None = None
     attention_impl: str = "reference"
     fuse_projections: bool = False
+    mlp_impl: str = "xla"
     looped: bool = True  # False when the scan is fully unrolled (no loop keeps CSE away)
 
     @nn.compact
@@ -91,7 +94,8 @@ class Cycle(nn.Module):
         block = _block_class(self.remat_policy, scanned=self.looped)
         for j, kind in enumerate(self.cfg.cycle):
             x = block(self.cfg, kind, self.dtype, self.deterministic, self.dot_general,
-                      self.attention_impl, self.fuse_projections, name=f"block_{j}")(
+                      self.attention_impl, self.fuse_projections, self.mlp_impl,
+                      name=f"block_{j}")(
                 x, ropes, positions)
         return x, None
 
@@ -231,7 +235,8 @@ class SWAMLA(nn.Module):
     not returned (None). ``scan_layers=False`` fully unrolls the loop over cycles (the parameter
     tree is the same). ``fuse_projections`` runs the projections that share an input (SWA q/k/v,
     MLA query and kv down-projection) as one GEMM each (same parameters; not under tensor
-    parallelism, see ``layers.fused_projections``).
+    parallelism, see ``layers.fused_projections``). ``mlp_impl`` picks SwiGLU's backward
+    kernel (``swamla_jax.layers.resolve_mlp_impl``).
     """
 
     cfg: ModelConfig
@@ -242,6 +247,7 @@ class SWAMLA(nn.Module):
     loss_chunk: int = 0
     scan_layers: bool = False
     fuse_projections: bool = True
+    mlp_impl: str = "auto"
 
     @nn.compact
     def __call__(self, idx, targets=None, *, deterministic: bool = True):
@@ -261,7 +267,8 @@ class SWAMLA(nn.Module):
 
         impl = resolve_attention_impl(self.attention_impl, self.dtype, cfg.dropout)
         common = dict(dtype=self.dtype, deterministic=deterministic, dot_general=self.dot_general,
-                      attention_impl=impl, fuse_projections=self.fuse_projections)
+                      attention_impl=impl, fuse_projections=self.fuse_projections,
+                      mlp_impl=resolve_mlp_impl(self.mlp_impl, self.dtype, self.dot_general))
         if cfg.n_cycles:
             scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},

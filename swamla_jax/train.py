@@ -89,6 +89,7 @@ class Trainer:
                              dot_general=fp8_dot_general if cfg.use_fp8 else None,
                              attention_impl=_jax_attention_impl(cfg.attention_impl),
                              loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers,
+                             mlp_impl=cfg.mlp_impl,
                              # fused kernels would interleave tensor-parallel column shards
                              fuse_projections=cfg.fuse_projections and mesh.shape["tensor"] == 1)
         boxed = jax.eval_shape(lambda: init_params(self.module, cfg.seed))

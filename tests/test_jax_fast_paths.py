@@ -5,6 +5,13 @@ real cuDNN kernels and the FP8 GEMMs in the compiled HLO.
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +22,7 @@ from swamla.config import load_preset
 from swamla_jax import fp8, kernels
 from swamla_jax.attention import attention, visible_mask
 
+ROOT = Path(__file__).resolve().parent.parent
 on_gpu = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not on_gpu, reason="needs a CUDA GPU")
 
@@ -248,6 +256,135 @@ def test_swiglu_backward_has_no_one_half_intermediate():
     # The backward's equations (the forward's own sigmoid lies inside the custom_vjp call).
     sigmoids = [e.outvars[0].aval.shape for e in bwd.jaxpr.eqns if e.primitive.name == "logistic"]
     assert sigmoids and set(sigmoids) == {gu.shape}, sigmoids
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 2, 256), (1, 24, 2, 384)])
+def test_swiglu_kernel_is_xlas_backward(shape):
+    """The Pallas backward gives XLA's bits in Pallas' interpreter (CPU), and XLA's values to a
+    bf16 rounding on GPU: one formula, rounded once. 384 = 3 x 128 takes 128-wide tiles."""
+    from swamla_jax import layers, mlp_kernels
+
+    rng = np.random.default_rng(6)
+    gu = jnp.asarray(3 * rng.standard_normal(shape), jnp.bfloat16)
+    d = jnp.asarray(rng.standard_normal(shape[:2] + shape[3:]), jnp.bfloat16)
+    assert mlp_kernels.supported(shape)
+    got = mlp_kernels.swiglu_grad(gu, d)
+    assert got.dtype == jnp.bfloat16 and got.shape == gu.shape
+    got, want = (np.asarray(a, np.float32) for a in (got, layers._swiglu_select_grad(gu, d, False)))
+    if on_gpu:  # Triton's sigmoid and exp are not XLA's: at most one bf16 rounding step apart
+        np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=1e-30)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_swiglu_kernel_declines_shapes_it_cannot_tile():
+    from swamla_jax import mlp_kernels
+
+    assert not mlp_kernels.supported((1, 7, 2, 256))  # 7 rows: not a whole tile
+    assert not mlp_kernels.supported((2, 8, 2, 100))  # no power-of-two tile of >= 128 divides
+    with pytest.raises(ValueError, match="mlp_impl must be one of"):
+        sj.SWAMLA(load_preset("tiny"), mlp_impl="triton").init(jax.random.key(0),
+                                                              jnp.zeros((1, 8), jnp.int32))
+
+
+def test_model_gradients_are_the_same_with_the_swiglu_kernel():
+    cfg = load_preset("tiny", n_layer=3)
+    params = sj.from_config(cfg).params
+    idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
+
+    def grads(impl):
+        module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, mlp_impl=impl)
+        return jax.grad(lambda p: module.apply({"params": p}, idx, idx)[1])(params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads("pallas")),
+                    jax.tree_util.tree_leaves(grads("xla"))):
+        if on_gpu:  # the kernel's values are XLA's to a bf16 rounding there
+            assert rel(a, b) < 2e-2
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_swiglu_kernel_runs_per_shard_in_a_sharded_step():
+    """On 4 devices (FSDP 2 x tensor 2) the kernel runs on each device's shard, under shard_map,
+    and the step is XLA's: same loss and gradient norm."""
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "benchmarks")
+        from bench_train import jax_setup
+        from swamla_jax import mlp_kernels
+        calls, local = [], mlp_kernels._local_grad
+        mlp_kernels._local_grad = lambda gu, d: calls.append(gu.shape) or local(gu, d)
+        out = []
+        for impl in ("pallas", "xla"):
+            with jax_setup("tiny", 128, 4, "bf16", "none",
+                           ["mesh_fsdp=2", "mesh_tensor=2", f"mlp_impl={impl}"], 4) as (
+                    trainer, state, batch, mesh):
+                _, m = trainer.train_step(state, batch)
+                out.append((float(m["loss"]), float(m["grad_norm"])))
+        print("RESULT", repr((sorted(set(calls)), out)))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1]
+    shapes, ((loss_k, norm_k), (loss_x, norm_x)) = ast.literal_eval(result[len("RESULT "):])
+    assert shapes == [(4, 128, 2, 128)], shapes  # batch 8 over fsdp 2, width 256 over tensor 2
+    assert abs(loss_k - loss_x) < 1e-6 * loss_x and abs(norm_k - norm_x) < 1e-4 * norm_x
+
+
+# ---------------------------------------------------------------------------- norms, projections
+def all_eqns(jaxpr):
+    """The equations of a jaxpr and of every jaxpr nested in their parameters."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from all_eqns(sub)
+
+
+def test_rms_norm_backward_reads_its_saved_row_statistic():
+    """The backward reuses the forward's rsqrt (one pass over x and dy; the checkpointed form
+    recomputed it, another read of x) and is the formula's derivative."""
+    from swamla_jax import layers
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
+    w = jnp.asarray(1 + 0.1 * rng.standard_normal(64), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
+    norm = lambda x, w: layers._rms_norm(x, w, 1e-6, jnp.float32)  # noqa: E731
+    formula = lambda x, w: w * x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)  # noqa: E731
+    for a, b in zip(jax.vjp(norm, x, w)[1](dy), jax.vjp(formula, x, w)[1](dy)):
+        assert rel(a, b) < 1e-6
+    _, vjp = jax.vjp(norm, x, w)
+    prims = {e.primitive.name for e in all_eqns(jax.make_jaxpr(vjp)(dy).jaxpr)}
+    assert "mul" in prims and "rsqrt" not in prims, prims
+
+
+def test_fused_projection_cotangent_is_written_once():
+    """bf16 fused projections: the dx and dW GEMMs read one materialized cotangent (the
+    barrier's output), not each its own fusion of the parts' gradients (BENCHMARKS.md, run 18)."""
+    from swamla_jax import layers
+
+    x = jnp.ones((2, 8, 16), jnp.bfloat16)
+    params = [(jnp.ones((16, n), jnp.float32), None) for n in (16, 8, 8)]
+
+    def f(x, ws):
+        return layers.fused_projections(x, [(w, None) for w in ws], jnp.bfloat16)
+
+    _, vjp = jax.vjp(f, x, [w for w, _ in params])
+    bwd = jax.make_jaxpr(vjp)([jnp.ones((2, 8, n), jnp.bfloat16) for n in (16, 8, 8)])
+
+    ops = list(all_eqns(bwd.jaxpr))
+    barrier = [e for e in ops if e.primitive.name == "optimization_barrier"]
+    assert len(barrier) == 1 and barrier[0].outvars[0].aval.shape == (2, 8, 32), barrier
+    readers = [e for e in ops if e.primitive.name == "dot_general"
+               and barrier[0].outvars[0] in e.invars]
+    assert len(readers) == 2, readers  # d(x) and d(W)
 
 
 # ---------------------------------------------------------------------------- FP8
