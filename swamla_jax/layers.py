@@ -141,35 +141,16 @@ class Embed(nn.Module):
                           preferred_element_type=f32)
 
 
-# The norms and the SwiGLU activation compute in float32 but are cheap to redo: the backward
-# pass recomputes them from their (compute-dtype) inputs, which are kept anyway, instead of
-# keeping float32 intermediates. This halves activation memory at no measurable cost (a remat of
-# elementwise ops only, not of matmuls).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+# The norms and the SwiGLU activation compute in float32 but are cheap to redo: under
+# jax.checkpoint the backward pass recomputes them from their (compute-dtype) inputs, which are
+# kept anyway, instead of keeping float32 intermediates. This halves activation memory at no
+# measurable cost (a remat of elementwise ops only, not of matmuls). A custom VJP that saved the
+# RMSNorm's row statistic instead was slower: XLA then split the forward into a reduction and an
+# elementwise pass, and the backward kept its own row reduction (BENCHMARKS.md, run 18).
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
 def _rms_norm(x, w, eps, dtype):
-    return _rms_norm_fwd(x, w, eps, dtype)[0]
-
-
-def _rms_norm_fwd(x, w, eps, dtype):
     xf = x.astype(f32)
-    rstd = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)  # (..., 1)
-    return (w * (xf * rstd)).astype(dtype), (x, w, rstd)
-
-
-def _rms_norm_bwd(eps, dtype, res, dy):
-    """One pass over x and dy. Besides x, kept anyway, the forward saves only its row statistic
-    (4 bytes a row): under jax.checkpoint the backward read x once more to recompute it, ~1.6 ms
-    a step on base (BENCHMARKS.md, run 18)."""
-    x, w, rstd = res
-    xhat = x.astype(f32) * rstd
-    dyf = dy.astype(f32)
-    g = dyf * w
-    dx = rstd * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-    dw = jnp.sum(dyf * xhat, axis=tuple(range(x.ndim - 1)))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+    return (w * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))).astype(dtype)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(3, 4))
