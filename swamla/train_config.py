@@ -35,7 +35,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 # "auto": each backend's flash kernel on GPU in 16-bit (cuDNN in JAX, FlexAttention/SDPA in
 # PyTorch), the exact reference path elsewhere.
 ATTENTION_IMPLS = ("auto", "reference", "cudnn", "flex")
-MLP_IMPLS = ("auto", "xla", "pallas")  # swamla_jax.layers.MLP_IMPLS (this module imports no jax)
+# SwiGLU's backward kernel in JAX (swamla_jax.layers.resolve_mlp_impl).
+MLP_IMPLS = ("auto", "xla", "pallas")
 
 # The original project's flag names that are not a field's own name (or that must keep pointing at
 # the model even if DataConfig grows a field of the same name).
