@@ -76,11 +76,19 @@ def _bwd_select_halves(gate_up, d_out):
 
 
 def _swiglu_model(gate_up):
-    """The model's SwiGLU as its bf16 step runs it (FP8 rounds the gradient's halves first)."""
+    """The model's SwiGLU with XLA's backward (``--mlp_impl xla``; FP8 rounds the gradient's
+    halves first)."""
     return layers._swiglu(gate_up, False)
 
 
-SWIGLU = (("model (layers._swiglu: select after a barrier)", _swiglu_model),
+def _swiglu_kernel(gate_up):
+    """The model's SwiGLU with the Pallas backward (``--mlp_impl pallas``, the bf16 step's
+    choice on GPU; swamla_jax.mlp_kernels), XLA's form where the shape does not tile."""
+    return layers._swiglu(gate_up, False, True)
+
+
+SWIGLU = (("model, XLA backward (layers._swiglu: select after a barrier)", _swiglu_model),
+          ("model, Pallas backward (swamla_jax.mlp_kernels)", _swiglu_kernel),
           ("autodiff, bf16 silu", _swiglu_autodiff),
           ("custom vjp, halves stacked", _with_backward(_bwd_stacked)),
           ("custom vjp, select, no barrier", _with_backward(_bwd_select)),
