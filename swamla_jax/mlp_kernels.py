@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
+from swamla_jax import sharding
 from swamla_jax.layers import swiglu_grads
 
 f32 = jnp.float32
@@ -80,13 +81,12 @@ def _plan(shape):
     mesh, specs, local = jax.sharding.get_abstract_mesh(), None, list(shape)
     if not mesh.empty and mesh.size > 1:
         gu_spec = nn.logical_to_mesh_axes(_GU_AXES)  # the trainer's rules are in context
-        for i, axes in enumerate(tuple(gu_spec) + (None,) * (len(shape) - len(gu_spec))):
-            names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            size = math.prod(mesh.shape[a] for a in names)
+        for i, axes in enumerate(gu_spec):
+            size = sharding.axes_size(mesh, axes)
             if local[i] % size:
                 raise _Unsupported
             local[i] //= size
-        specs = mesh, gu_spec, PartitionSpec(*(tuple(gu_spec) + (None,) * 4)[:2], gu_spec[3])
+        specs = mesh, gu_spec, PartitionSpec(gu_spec[0], gu_spec[1], gu_spec[3])
     if tiles(math.prod(local[:-2]), local[-1]) is None:
         raise _Unsupported
     return specs

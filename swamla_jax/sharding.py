@@ -49,12 +49,18 @@ def make_mesh(shape: tuple[int, int, int], devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
+def axes_size(mesh, axes) -> int:
+    """How many devices one entry of a PartitionSpec (None, an axis name or a tuple of names)
+    splits a dimension over."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+
 def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpec:
     """Drop mesh axes that do not divide a dimension (e.g. 50304 over 7 devices): replicate it."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        size = axes_size(mesh, axes)
         if size > 1 and dim % size:
             log.warning("%s: dimension %d is not divisible by mesh axes %s (%d); replicated",
                         name, dim, names, size)
