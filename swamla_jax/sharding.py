@@ -63,7 +63,7 @@ def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpe
         size = axes_size(mesh, axes)
         if size > 1 and dim % size:
             log.warning("%s: dimension %d is not divisible by mesh axes %s (%d); replicated",
-                        name, dim, names, size)
+                        name, dim, axes, size)
             out.append(None)
         else:
             out.append(axes)

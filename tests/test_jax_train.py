@@ -302,6 +302,19 @@ def test_sharded_runs_match_one_device(shards, tmp_path):
         np.testing.assert_allclose(losses(out), reference, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
+def test_mesh_sizes_that_do_not_divide_the_model(shards, tmp_path):
+    """3 and 6 devices (FSDP) do not divide n_embd 64: such dimensions are replicated (with a
+    warning) and the run gives one device's losses."""
+    argv = lambda out, b: flags(shards, out, "--batch_size", str(b), "--max_iters", "2")  # noqa: E731
+    run_in_subprocess(argv(tmp_path / "one", 6), devices=1)
+    for devices in (3, 6):
+        out = tmp_path / f"fsdp{devices}"
+        run_in_subprocess(argv(out, 6 // devices), devices=devices)
+        np.testing.assert_allclose(losses(out), losses(tmp_path / "one"), rtol=1e-5,
+                                   err_msg=f"{devices} devices")
+
+
 def test_tensor_parallel_mlp_moves_no_activations():
     """Under tensor parallelism each device holds the up and gate columns of its slice of the
     MLP width (the (C, 2, F) view in swamla_jax.layers.SwiGLU): the compiled step has no
