@@ -1,25 +1,16 @@
 """Train SWA-MLA with PyTorch: ``python train_torch.py --size tiny ...`` or under ``torchrun``.
 
-The flags are those of ``train_jax.py`` (``swamla.train_config``; ``--help`` lists them).
+Flags are those of ``swamla.train_config`` (``--help`` lists them); the trainer is
+``swamla_torch.train``, run by the command line both backends share (``swamla.train_cli``).
 """
 
 import sys
 
-from swamla.train_config import parse_args
+from swamla.train_cli import main as _main
 
 
 def main(argv=None) -> int:
-    from swamla_torch.train import INPUT_ERRORS, TrainingError, train
-
-    try:
-        train(parse_args(argv))
-    except INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _main(argv, backend="torch")
 
 
 if __name__ == "__main__":

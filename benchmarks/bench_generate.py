@@ -46,7 +46,8 @@ class JaxBench:
         from swamla_jax import generate as gen
 
         self.jax, self.gen = jax, gen
-        self.model = swamla_jax.from_config(cfg, seed=seed, dtype=dtype)
+        self.model = swamla_jax.from_config(cfg, seed=seed,
+                                            plan=swamla_jax.ComputePlan(compute_dtype=dtype))
         self.device = str(jax.devices()[0].device_kind)
 
     def prefill(self, batch: PromptBatch) -> float:
@@ -63,8 +64,8 @@ class JaxBench:
         jax, jnp = self.jax, self.jax.numpy
         from swamla_jax.cache import cache_nbytes, init_cache
 
-        cfg, dtype = self.model.config, self.model.module.dtype
-        cache = init_cache(cfg, B, cache_len, dtype)
+        cfg, plan = self.model.config, self.model.module.plan
+        cache = init_cache(cfg, B, cache_len, jnp.dtype(plan.compute_dtype))
         leaves, tree = jax.tree_util.tree_flatten(cache["layers"])
         keys = jax.random.split(jax.random.key(0), len(leaves))
         cache["layers"] = jax.tree_util.tree_unflatten(
@@ -80,7 +81,7 @@ class JaxBench:
             out, _, cache = self.gen.decode_loop(
                 self.model.params, cache, first, lengths, limits, jax.random.key(0),
                 jnp.float32(0), jnp.int32(0), jnp.float32(1), jnp.int32(cfg.vocab_size),
-                jnp.int32(-1), cfg=cfg, dtype=dtype, max_new_tokens=steps,
+                jnp.int32(-1), cfg=cfg, plan=plan, max_new_tokens=steps,
                 structure=GREEDY.structure, return_logits=False, stream=False)
             out.block_until_ready()
             return cache

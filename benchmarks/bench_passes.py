@@ -8,7 +8,7 @@ form the model uses (``swamla_jax.layers``) and in candidate forms kept here, at
 shapes, and prints the bandwidth each reaches against the bytes it must move (inputs read once,
 outputs written once). A candidate earns its place in the model only by then winning the whole
 step in ``bench_train.py``: inside the step XLA fuses these passes with their neighbours, and a
-pass that wins alone can lose there (BENCHMARKS.md, run 10). Each call is dispatched from Python, so
+pass that wins alone can lose there (see benchmarks/history/). Each call is dispatched from Python, so
 a pass shorter than ~0.1 ms (RoPE at base's shapes) can measure the dispatch, not the kernel.
 """
 
@@ -37,7 +37,7 @@ f32, bf16, u32 = jnp.float32, jnp.bfloat16, jnp.uint32
 
 @jax.checkpoint
 def _swiglu_autodiff(gate_up):
-    """The model's form up to c321e44: silu on the bf16 gate, remat, autodiff's
+    """An earlier form of the model's: silu on the bf16 gate, remat, autodiff's
     backward (each half's gradient zero-padded to the full tensor, the two added)."""
     return jax.nn.silu(gate_up[..., 1, :]) * gate_up[..., 0, :]
 
@@ -66,7 +66,7 @@ def _bwd_select(gate_up, d_out):
 
 
 def _bwd_select_halves(gate_up, d_out):
-    """The model's backward up to run 16: each half's gradient computed once on the (..., 1, F)
+    """An earlier backward of the model's: each half's gradient computed once on the (..., 1, F)
     halves and broadcast into one select. On an H200, inside the step, XLA wrote a float32
     half between two passes rather than redo the sigmoid for both halves."""
     up, gate = gate_up[..., 0:1, :].astype(f32), gate_up[..., 1:2, :].astype(f32)
@@ -83,16 +83,16 @@ def _swiglu_model(gate_up):
 
 def _swiglu_kernel(gate_up):
     """The model's SwiGLU with the Pallas backward (``--mlp_impl pallas``, the bf16 step's
-    choice on GPU; swamla_jax.mlp_kernels), XLA's form where the shape does not tile."""
+    choice on GPU; swamla_jax.kernels.swiglu), XLA's form where the shape does not tile."""
     return layers._swiglu(gate_up, False, True)
 
 
 SWIGLU = (("model, XLA backward (layers._swiglu: select after a barrier)", _swiglu_model),
-          ("model, Pallas backward (swamla_jax.mlp_kernels)", _swiglu_kernel),
+          ("model, Pallas backward (swamla_jax.kernels.swiglu)", _swiglu_kernel),
           ("autodiff, bf16 silu", _swiglu_autodiff),
           ("custom vjp, halves stacked", _with_backward(_bwd_stacked)),
           ("custom vjp, select, no barrier", _with_backward(_bwd_select)),
-          ("custom vjp, select of broadcast halves (up to run 16)",
+          ("custom vjp, select of broadcast halves",
            _with_backward(_bwd_select_halves)))
 
 

@@ -18,7 +18,7 @@ AdamW) on random tokens after warm-up. For JAX FP8 cases the count of cuBLASLt F
 the compiled HLO is reported, so a silent fallback to bf16 shows.
 
 MFU (``swamla.flops.mfu``) = 6 * n_params * tokens/s per GPU / peak, where n_params is
-``swamla.config.count_params`` (the true count, tied embedding counted once; attention
+``swamla.layout.count_params`` (the true count, tied embedding counted once; attention
 score/value matmuls not counted) and peak is one card's dense bf16 datasheet peak from
 ``swamla.flops.peak_flops`` (989e12 FLOP/s for H100 SXM and H200). FP8 cases are measured
 against the same bf16 peak. CPUs and unknown cards have no peak: MFU n/a.
@@ -105,7 +105,7 @@ def jax_setup(preset, seq, batch, dtype, remat, extra=(), devices=1):
 def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):
     import jax
 
-    from swamla.config import count_params
+    from swamla.layout import count_params
 
     with jax_setup(preset, seq, batch, dtype, remat, extra, devices) as (trainer, state,
                                                                          batch_arr, mesh):
@@ -157,7 +157,8 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
     if env.world_size != devices:
         raise ValueError(f"case asks for {devices} GPUs, torchrun started {env.world_size}")
     torch.manual_seed(0)
-    raw, impl = build_model(cfg, env.device)  # as train_torch.py builds it (loss chunks, FP8...)
+    raw = build_model(cfg, env.device)  # as train_torch.py builds it (loss chunks, FP8...)
+    impl = raw.plan.attention_impl
     raw = raw.to(env.device)
     cuda = env.device.type == "cuda"  # CPU runs (gloo) only check the launch path
     par = distributed.parallelize(raw, cfg, env)
@@ -186,7 +187,7 @@ def run_torch(preset, seq, batch, dtype, steps, remat, extra=(), compile_model=T
     """Times a torch case (torch_setup); rank 0 reports."""
     import torch
 
-    from swamla.config import count_params
+    from swamla.layout import count_params
     from swamla_torch import distributed
 
     with torch_setup(preset, seq, batch, dtype, remat, extra, compile_model, devices) as t:

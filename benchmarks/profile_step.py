@@ -303,7 +303,7 @@ def summarize(events: list[dict], hlo: dict[str, str], steps: int, top: int) -> 
     kernel_us = sum(by_cat.values())
     ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])
     by_source = collections.defaultdict(lambda: [0.0, 0, collections.Counter()])
-    for op, (us, n, cats) in ops:
+    for op, (us, _n, cats) in ops:
         row = by_source[source_key(hlo.get(op, "")) or op]
         row[0] += us
         row[1] += 1

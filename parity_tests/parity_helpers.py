@@ -92,8 +92,9 @@ def torch_grads(model, idx, targets, train=False):
 
 @functools.lru_cache(maxsize=None)
 def jax_fns(cfg, train: bool):
-    """Jitted forward and value-and-grad for a config, compiled once per (config, mode)."""
-    module = sj.SWAMLA(cfg)
+    """Jitted forward and value-and-grad for a config, compiled once per (config, mode), with
+    the projections fused as the trainer runs them (test_module_parity checks both forms)."""
+    module = sj.SWAMLA(cfg, sj.ComputePlan(fuse_projections=True))
 
     def forward(params, idx, targets):
         return module.apply({"params": params}, idx, targets, deterministic=not train)

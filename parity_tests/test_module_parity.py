@@ -13,6 +13,7 @@ import swamla_jax.attention as ja
 import swamla_jax.layers as jl
 import swamla_torch.attention as ta
 import swamla_torch.layers as tl
+from swamla.plan import ComputePlan
 from parity_helpers import (SEQ, VARIANTS, assert_rel_close, flax_params_from_torch, perturb,
                             tiny_config)
 
@@ -58,8 +59,8 @@ def test_swa_attention(variant, seed, fused):
     cfg = tiny_config(**VARIANTS[variant])
     t_mod = perturb(ta.SWAttention(cfg), seed).eval()
     rt, rj, pt, pj = ropes(cfg, cfg.head_dim)
-    t, j = run_both(t_mod, ja.SWAttention(cfg, fuse_projections=fused), inputs(cfg, seed),
-                    (rt, pt), (rj, pj))
+    j_mod = ja.SWAttention(cfg, ComputePlan(fuse_projections=fused))
+    t, j = run_both(t_mod, j_mod, inputs(cfg, seed), (rt, pt), (rj, pj))
     assert_rel_close(j[0], t[0], RTOL, "SWA output")
     assert_rel_close(j[1], t[1], 10 * RTOL, "SWA input grad")
 
@@ -72,8 +73,8 @@ def test_mla_attention(variant, seed, fused):
     cfg = tiny_config(**VARIANTS[variant])
     t_mod = perturb(ta.MLAttention(cfg), seed).eval()
     rt, rj, pt, pj = ropes(cfg, cfg.qk_rope_head_dim)
-    t, j = run_both(t_mod, ja.MLAttention(cfg, fuse_projections=fused), inputs(cfg, seed),
-                    (rt, pt), (rj, pj))
+    j_mod = ja.MLAttention(cfg, ComputePlan(fuse_projections=fused))
+    t, j = run_both(t_mod, j_mod, inputs(cfg, seed), (rt, pt), (rj, pj))
     assert_rel_close(j[0], t[0], RTOL, "MLA output")
     assert_rel_close(j[1], t[1], 10 * RTOL, "MLA input grad")
 

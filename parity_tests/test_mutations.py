@@ -60,8 +60,8 @@ def test_half_split_rope_is_caught(monkeypatch):
 def test_rmsnorm_eps_change_is_caught(monkeypatch):
     original = jm.block_norm
 
-    def mutant(cfg, dtype, name):
-        return original(cfg.replace(norm_eps=cfg.norm_eps * 10), dtype, name)
+    def mutant(cfg, plan, name=None):
+        return original(cfg.replace(norm_eps=cfg.norm_eps * 10), plan, name)
 
     monkeypatch.setattr(jm, "block_norm", mutant)
     assert_suite_fails(tiny_config())
@@ -69,7 +69,7 @@ def test_rmsnorm_eps_change_is_caught(monkeypatch):
 
 def test_layernorm_eps_change_is_caught(monkeypatch):
     monkeypatch.setattr(ja, "latent_norm",
-                        lambda cfg, dtype, name: jl.LayerNorm(eps=1e-6, dtype=dtype, name=name))
+                        lambda cfg, plan, name=None: jl.LayerNorm(eps=1e-6, plan=plan, name=name))
     assert_suite_fails(tiny_config(mla_norm="layernorm"))
 
 

@@ -1,4 +1,4 @@
-"""Check that this machine can train SWA-MLA (the seed's ``test_setup.py``).
+"""Check that this machine can train SWA-MLA (the original project's ``test_setup.py``).
 
     python scripts/check_setup.py [--data PATHS...] [--tokenizer NAME]
 

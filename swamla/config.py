@@ -297,27 +297,6 @@ def resolve_config(spec: "str | Path | ModelConfig | Mapping", **overrides) -> M
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """True parameter count, the tied embedding counted once (what MFU uses)."""
-    C, h, b = cfg.n_embd, cfg.mlp_hidden, int(cfg.bias)
-    lin = lambda n_in, n_out: n_in * n_out + b * n_out  # noqa: E731
-    norm = (2 * C + 1) if cfg.use_dyt else C
-    mlp = lin(C, 2 * h) + lin(h, C)
-    kv = cfg.n_head_kv * cfg.head_dim
-    swa = 2 * norm + lin(C, C) + 2 * lin(C, kv) + lin(C, C) + mlp
-    H, dqk, dv = cfg.n_head, cfg.mla_qk_head_dim, cfg.v_head_dim
-    r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    lat_norm = (lambda n: 2 * n) if cfg.mla_norm == "layernorm" else (lambda n: n)
-    if cfg.q_lora_rank:
-        q = lin(C, cfg.q_lora_rank) + lat_norm(cfg.q_lora_rank) + lin(cfg.q_lora_rank, H * dqk)
-    else:
-        q = lin(C, H * dqk)
-    mla = 2 * norm + q + lin(C, r + dr) + lat_norm(r) + lin(r, H * (cfg.qk_nope_head_dim + dv)) \
-        + lin(H * dv, C) + mlp
-    blocks = sum(swa if k is BlockKind.SWA else mla for k in cfg.block_kinds)
-    return cfg.vocab_size * C + blocks + norm
-
-
 def check_token_ids(idx, vocab_size: int) -> None:
     """Raise if any token id lies outside [0, vocab_size) (JAX gathers would clamp silently)."""
     _check_ids(idx, vocab_size, "token ids", None)

@@ -1,14 +1,15 @@
 """Model FLOPs utilisation (MFU) as this project defines it.
 
 Headline MFU = ``6 * n_params * tokens_per_s / peak`` with ``n_params`` from
-``swamla.config.count_params`` (tied embedding counted once) and ``peak`` the card's dense
+``swamla.layout.count_params`` (tied embedding counted once) and ``peak`` the card's dense
 datasheet peak for the matmul dtype; always report it with the card's name. ``flops_per_token``
 adds the attention score/value matmuls for readers who want the attention-aware figure.
 """
 
 from __future__ import annotations
 
-from swamla.config import BlockKind, ModelConfig, count_params
+from swamla.config import BlockKind, ModelConfig
+from swamla.layout import count_params
 
 # Dense (no sparsity) datasheet peaks, FLOP/s: (bf16, fp8); fp8 None where the card has none.
 # Matched in order against the upper-cased device name, most specific first, so 'GH200' precedes

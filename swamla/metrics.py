@@ -3,10 +3,30 @@ line, a progress bar and a loss-curve plot. Framework-free; the trainers pass Py
 anything with ``__float__``: numpy scalars, 0-d jax arrays and torch tensors on the host).
 
 ``output_dir/metrics.jsonl`` holds one JSON object per line: ``step``, ``time`` (unix seconds) and
-the metrics logged at that step, e.g. ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``,
-``mem_gb``, ``skipped_steps`` for training and ``eval_loss``, ``eval_perplexity`` for evaluation.
-Non-finite values are written as ``null`` (strict JSON). A resumed run first drops the lines with
-``step > resume_step``, so the steps it repeats are not logged twice.
+the metrics logged at that step. Non-finite values are written as ``null`` (strict JSON). A resumed
+run first drops the lines with ``step > resume_step``, so the steps it repeats are not logged twice.
+
+Both trainers log the same records, built by ``train_metrics`` and ``eval_metrics``:
+
+- a training record every ``log_interval`` steps and at ``max_iters``, with every key of
+  ``TRAIN_KEYS``: ``loss`` (mean over the steps since the previous record whose update was
+  applied; null if none was), ``lr`` (the rate of the last applied update), ``grad_norm`` (the
+  last step's, before clipping), ``tokens_per_s`` (over the steps since the previous record, all
+  devices), ``mfu`` (``swamla.flops.mfu``; null without a known peak), ``mem_gib`` (peak device
+  memory since the process started, in GiB = 2**30 bytes; null where the device does not report
+  it), ``skipped_steps`` (total non-finite steps of the run, resumes included);
+- an evaluation record every ``eval_interval`` steps and at ``max_iters``, with ``EVAL_KEYS``:
+  ``eval_loss`` and ``eval_perplexity``.
+
+``step`` is the number of iterations done, skipped ones included: a step whose loss or gradient
+is not finite changes nothing but is counted (in ``step`` and ``skipped_steps``), so a run always
+stops at ``max_iters`` iterations and the data position follows ``step``. The learning-rate
+schedule and the optimizer's bias correction count applied updates, ``step - skipped_steps``:
+the next update uses ``swamla.schedule.lr_at(step - skipped_steps)``. Checkpoints and training
+states (``swamla.train_state``) store ``step`` and ``skipped_steps`` (as ``bad_steps``) with the
+same meaning.
+
+``train(cfg)`` of either trainer returns ``run_result(...)``: the keys of ``RESULT_KEYS``.
 """
 
 from __future__ import annotations
@@ -25,6 +45,46 @@ from swamla.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+PLOT_FILE = "loss.png"  # beside metrics.jsonl, by plot_metrics at the end of a run
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib", "skipped_steps")
+EVAL_KEYS = ("eval_loss", "eval_perplexity")
+RESULT_KEYS = ("step", *TRAIN_KEYS, *EVAL_KEYS, "stopped_early", "checkpoint", "export", "plot")
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; inf where that overflows a float (logged as null), never an error."""
+    try:
+        return math.exp(loss)
+    except OverflowError:  # loss > ~709.8: a diverged model
+        return math.inf
+
+
+def train_metrics(*, loss: float | None, lr: float, grad_norm: float,
+                  tokens_per_s: float | None, mfu: float | None, peak_memory_bytes: int | None,
+                  skipped_steps: int) -> dict[str, Any]:
+    """A training record of ``TRAIN_KEYS`` (see the module docstring for each one's meaning)."""
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "mem_gib": None if peak_memory_bytes is None else peak_memory_bytes / 2**30,
+            "skipped_steps": int(skipped_steps)}
+
+
+def eval_metrics(loss: float) -> dict[str, float]:
+    """An evaluation record of ``EVAL_KEYS``: the mean validation loss and its perplexity."""
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+
+
+def run_result(*, step: int, skipped_steps: int, train: Mapping[str, Any],
+               evaluation: Mapping[str, Any], stopped_early: bool, checkpoint=None, export=None,
+               plot=None) -> dict[str, Any]:
+    """What ``train(cfg)`` returns, the keys of ``RESULT_KEYS``: the step reached, the last
+    training and evaluation records (None for a metric not logged in this process's run), and
+    the paths written (None for what was not)."""
+    path = lambda p: None if p is None else str(p)  # noqa: E731
+    return {"step": int(step), **{k: train.get(k) for k in TRAIN_KEYS},
+            **{k: evaluation.get(k) for k in EVAL_KEYS}, "skipped_steps": int(skipped_steps),
+            "stopped_early": bool(stopped_early), "checkpoint": path(checkpoint),
+            "export": path(export), "plot": path(plot)}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -74,12 +134,12 @@ def _si(x: float) -> str:
 _CONSOLE = {
     "loss": lambda v: f"loss {v:.4f}",
     "eval_loss": lambda v: f"eval_loss {v:.4f}",
-    "eval_perplexity": lambda v: f"eval_ppl {v:.2f}",
+    "eval_perplexity": lambda v: f"eval_perplexity {v:.2f}",
     "lr": lambda v: f"lr {v:.2e}",
     "grad_norm": lambda v: f"grad_norm {v:.3f}",
     "tokens_per_s": lambda v: f"{_si(v)} tok/s",
     "mfu": lambda v: f"mfu {v:.1%}",
-    "mem_gb": lambda v: f"mem {v:.1f} GB",
+    "mem_gib": lambda v: f"mem {v:.1f} GiB",
     "skipped_steps": lambda v: f"skipped {v}",
 }
 

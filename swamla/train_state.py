@@ -11,11 +11,13 @@ A run started in one backend continues in the other from this directory (numpy i
                                         #  "optimizer_type", "train_config", "data_state",
                                         #  "bad_steps", "framework"}
 
-``step`` counts optimizer updates done; the moments are those after that many updates (optax's
-``mu``/``nu``, torch's ``exp_avg``/``exp_avg_sq``), so the next update uses bias correction
-``t = step + 1`` and ``lr_at(step)``. A backend may add files of its own (the PyTorch trainer adds
-its RNG states); readers ignore files they do not know. The directory is written atomically and
-replaces only another training state.
+``step`` counts iterations done and ``bad_steps`` the non-finite ones among them, which were
+skipped (the trainers' ``step`` and ``skipped_steps``, ``swamla.metrics``). The moments are those
+after ``step - bad_steps`` updates (optax's ``mu``/``nu``, torch's ``exp_avg``/``exp_avg_sq``), so
+the next update uses bias correction ``t = step - bad_steps + 1`` and ``lr_at(step - bad_steps)``,
+and the data position is that after ``step`` iterations. A backend may add files of its own (the
+PyTorch trainer adds its RNG states); readers ignore files they do not know. The directory is
+written atomically and replaces only another training state.
 
     python -m swamla.train_state info DIR
     python -m swamla.train_state export-torch CKPT_DIR OUT_DIR   # a PyTorch checkpoint -> DIR
@@ -89,6 +91,9 @@ def check_meta(meta: Mapping[str, Any], source: str) -> dict[str, Any]:
         v = meta[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise TrainStateError(f"{source}: {key} must be an integer >= 0, got {v!r}")
+    if meta["bad_steps"] > meta["step"]:
+        raise TrainStateError(f"{source}: bad_steps ({meta['bad_steps']}) counts skipped steps "
+                              f"among the step ({meta['step']}) done, so cannot exceed it")
     moment_keys(meta["optimizer_type"])
     if meta["framework"] not in FRAMEWORKS:
         raise TrainStateError(f"{source}: framework must be one of {list(FRAMEWORKS)}, got "

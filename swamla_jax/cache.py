@@ -1,22 +1,17 @@
-"""KV caches and the cached forward of SWA-MLA in JAX (SPEC.md 3.1, 3.2).
+"""The KV cache of SWA-MLA in JAX (SPEC.md 3.1, 3.2): its buffers and per-chunk bookkeeping.
 
-Shapes: B batch, T chunk time, S key slots, C model width, H query heads, K kv heads,
-G = H / K, D head dim, W window, Z sink slots, R kv latent rank, N nope dim, E rope dim,
-V value dim (and vocabulary in logits).
+Shapes: B batch, T chunk time, S latent slots (the cache length), K kv heads, D head dim,
+W window, Z sink slots, R kv latent rank, E rope dim.
 
 Per layer the cache holds (``init_cache``):
 
 - SWA: a ring of the last ``swa_window`` keys/values (slot ``p % W`` holds position p) and a sink
   buffer of the first ``swa_sink_size``: ``(W + Z) * 2 * K * D`` numbers whatever the length.
 - MLA: only the normed latent ``c`` and the rotated shared ``k_pe`` per position (``R + E``
-  numbers per token); attention runs in the absorbed form, ``W_uk`` folded into the query and
-  ``W_uv`` applied after the weighted sum of latents.
+  numbers per token); attention runs in the absorbed form.
 
-One function, :func:`forward_chunk`, runs T new tokens per row at per-row positions
-``start_b .. start_b + T - 1`` against the cache: chunked prefill uses it with T = chunk, decode
-with T = 1. It reads the model's own parameter tree (``cycles/block_j`` stacked over cycle
-repeats, then ``h_i``) and its own Linear/norm/MLP modules, layer by layer (unrolled, so every
-layer's cache is its own buffer and a new token is written into it in place).
+The attention modules read it and return it updated (their ``cache`` argument);
+``swamla_jax.model.forward_chunk`` runs a chunk of tokens through them, layer by layer.
 """
 
 from __future__ import annotations
@@ -25,23 +20,19 @@ import jax
 import jax.numpy as jnp
 
 from swamla.config import BlockKind, ModelConfig
-from swamla_jax.layers import (Embed, Linear, SwiGLU, apply_rope, block_norm, f32, latent_norm,
-                               logit_scale, rope_tables)
 
 NO_POSITION = -1  # an empty ring slot
 
 
-# ------------------------------------------------------------------------------- the cache
 def _layer_cache(cfg: ModelConfig, kind: BlockKind, batch: int, cache_len: int, dtype):
     z = lambda *shape: jnp.zeros((batch,) + shape, dtype)  # noqa: E731
     if kind is BlockKind.SWA:
-        K, D = cfg.n_head_kv, cfg.head_dim
-        return {"k": z(cfg.swa_window, K, D), "v": z(cfg.swa_window, K, D),
-                "sink_k": z(cfg.swa_sink_size, K, D), "sink_v": z(cfg.swa_sink_size, K, D)}
+        K, D, W, Z = cfg.n_head_kv, cfg.head_dim, cfg.swa_window, cfg.swa_sink_size
+        return {"k": z(W, K, D), "v": z(W, K, D), "sink_k": z(Z, K, D), "sink_v": z(Z, K, D)}
     return {"c": z(cache_len, cfg.kv_lora_rank), "k_pe": z(cache_len, cfg.qk_rope_head_dim)}
 
 
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=f32) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype=jnp.float32) -> dict:
     """An empty cache: one buffer set per layer (``h_{i}``), never stacked.
 
     Separate buffers let the decode loop write each new token into its layer's cache in place;
@@ -58,17 +49,21 @@ def cache_nbytes(cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache["layers"]))
 
 
-# ------------------------------------------------------------------------------- per-chunk plan
-def _chunk_plan(cfg: ModelConfig, cache, pos, start, end, S: int) -> dict:
-    """Everything the layers share for one chunk: RoPE of the current positions only, the masks,
-    and which chunk tokens move into the ring and sink buffers."""
+def latent_len(cache) -> int:
+    """S, the latent slots of the MLA layers (1 if the model has none)."""
+    return next((layer["c"].shape[1] for layer in cache["layers"].values() if "c" in layer), 1)
+
+
+def chunk_layout(cfg: ModelConfig, cache, pos, start, end, S: int) -> dict:
+    """What the chunk's queries at positions ``pos`` (B, T) see, and where its tokens go.
+
+    Rows start at ``start`` (B,); positions ``>= end`` (B,) are padding. Returns the SWA mask over
+    the keys of :func:`swa_keys` (B, T, Z + W + T), the MLA mask over the S latent slots
+    (B, T, S), which chunk tokens enter the ring and sink buffers, and the ring's positions after
+    the chunk (``swa_pos``).
+    """
     B, T = pos.shape
     W, Z = cfg.swa_window, cfg.swa_sink_size
-    flat = pos.reshape(-1)
-    ropes = {kind: tuple(t.reshape(B, T, -1) for t in rope_tables(dim, flat, cfg.rope_theta,
-                                                                    cfg.rope_factor))
-             for kind, dim in ((BlockKind.SWA, cfg.head_dim),
-                               (BlockKind.MLA, cfg.qk_rope_head_dim))}
     i = pos[:, :, None]  # (B, T, 1) query positions
     # SWA keys are [sink (Z) | ring (W) | chunk (T)]; each key position is seen once (SPEC 3.1):
     # a sink slot only once it has left the window, a ring slot only inside it.
@@ -87,159 +82,41 @@ def _chunk_plan(cfg: ModelConfig, cache, pos, start, end, S: int) -> dict:
     ring_take = (p >= start[:, None]) & (p >= 0)
     s = jnp.arange(Z)[None, :]
     sink_take = (s >= start[:, None]) & (s < start[:, None] + T) & (s < end[:, None])
-    return {"pos": pos, "ropes": ropes, "swa_mask": swa_mask, "mla_mask": mla_mask,
+    return {"swa_mask": swa_mask, "mla_mask": mla_mask,
             "ring_take": ring_take, "ring_idx": jnp.clip(p - start[:, None], 0, T - 1),
             "sink_take": sink_take, "sink_idx": jnp.clip(s - start[:, None], 0, T - 1),
             "swa_pos": jnp.where(ring_take, p, cache["swa_pos"])}
 
 
-def _rope(x, cos, sin):
-    """RoPE at per-row positions: x (B, T, H, D), cos/sin (B, T, P)."""
-    B, T = x.shape[:2]
-    flat = lambda a: a.reshape(B * T, *a.shape[2:])  # noqa: E731
-    return apply_rope(x.reshape(1, B * T, *x.shape[2:]), flat(cos), flat(sin)).reshape(x.shape)
+def swa_keys(layer, k, v, dtype):
+    """The keys and values an SWA chunk attends over, [sink | ring | chunk] as the chunk's
+    ``swa_mask`` orders them: each (B, Z + W + T, K, D) in ``dtype``."""
+    k_all = jnp.concatenate([layer["sink_k"], layer["k"], k.astype(layer["k"].dtype)], axis=1)
+    v_all = jnp.concatenate([layer["sink_v"], layer["v"], v.astype(layer["v"].dtype)], axis=1)
+    return k_all.astype(dtype), v_all.astype(dtype)
+
+
+def write_swa(layer, k, v, chunk) -> dict:
+    """The SWA buffers with the chunk's keys and values (B, T, K, D) that enter the ring and
+    the sink."""
+    k, v = k.astype(layer["k"].dtype), v.astype(layer["v"].dtype)
+    return {"k": _move(layer["k"], k, chunk["ring_take"], chunk["ring_idx"]),
+            "v": _move(layer["v"], v, chunk["ring_take"], chunk["ring_idx"]),
+            "sink_k": _move(layer["sink_k"], k, chunk["sink_take"], chunk["sink_idx"]),
+            "sink_v": _move(layer["sink_v"], v, chunk["sink_take"], chunk["sink_idx"])}
+
+
+def write_latent(layer, c, k_pe, pos) -> dict:
+    """The MLA buffers with the latents c (B, T, R) and rope keys k_pe (B, T, E) at slots
+    ``pos`` (B, T); slots past the cache's end are dropped."""
+    rows = jnp.arange(pos.shape[0])[:, None]
+    return {"c": layer["c"].at[rows, pos].set(c.astype(layer["c"].dtype), mode="drop"),
+            "k_pe": layer["k_pe"].at[rows, pos].set(k_pe.astype(layer["k_pe"].dtype),
+                                                    mode="drop")}
 
 
 def _move(old, new, take, idx):
-    """Buffer rows ``old`` (B, W, ...) replaced by chunk rows ``new[b, idx]`` where ``take``."""
+    """Buffer rows ``old`` (B, W or Z, ...) replaced by chunk rows ``new[b, idx]`` where
+    ``take``."""
     picked = jnp.take_along_axis(new, idx.reshape(idx.shape + (1,) * (new.ndim - 2)), axis=1)
     return jnp.where(take.reshape(take.shape + (1,) * (new.ndim - 2)), picked, old)
-
-
-def _masked_attention(q, k, v, mask, scale):
-    """q (B,T,H,D), k (B,S,K,D), v (B,S,K,V), mask (B,T,S); float32 scores and softmax."""
-    B, T, H, D = q.shape
-    K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, D)  # head h reads kv head h // G
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k, preferred_element_type=f32) * scale
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTS,BSKV->BTKGV", probs.astype(v.dtype), v)
-    return out.reshape(B, T, H, v.shape[-1])
-
-
-# ------------------------------------------------------------------------------- layers
-def _linear(cfg, p, x, dtype):
-    return Linear(p["kernel"].shape[1], ("in", "out"), use_bias=cfg.bias,
-                  dtype=dtype).apply({"params": p}, x)
-
-
-def swa_attention(cfg: ModelConfig, p, cache, x, plan, dtype):
-    """SWA over [sink | ring | chunk] (SPEC 3.1); returns (y (B,T,C), updated layer cache)."""
-    B, T, C = x.shape
-    H, K, D = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    q = _linear(cfg, p["q_proj"], x, dtype).reshape(B, T, H, D)
-    k = _linear(cfg, p["k_proj"], x, dtype).reshape(B, T, K, D)
-    v = _linear(cfg, p["v_proj"], x, dtype).reshape(B, T, K, D)
-    cos, sin = plan["ropes"][BlockKind.SWA]
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    if cfg.logit_scale_base is not None:  # inference always applies it (SPEC 3.1)
-        q = (q.astype(f32) * logit_scale(cfg, plan["pos"])[..., None, None]).astype(q.dtype)
-    k_all = jnp.concatenate([cache["sink_k"], cache["k"], k.astype(cache["k"].dtype)], axis=1)
-    v_all = jnp.concatenate([cache["sink_v"], cache["v"], v.astype(cache["v"].dtype)], axis=1)
-    y = _masked_attention(q, k_all.astype(dtype), v_all.astype(dtype), plan["swa_mask"], D ** -0.5)
-    y = _linear(cfg, p["o_proj"], y.reshape(B, T, H * D), dtype)
-    k, v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
-    new = {"k": _move(cache["k"], k, plan["ring_take"], plan["ring_idx"]),
-           "v": _move(cache["v"], v, plan["ring_take"], plan["ring_idx"]),
-           "sink_k": _move(cache["sink_k"], k, plan["sink_take"], plan["sink_idx"]),
-           "sink_v": _move(cache["sink_v"], v, plan["sink_take"], plan["sink_idx"])}
-    return y, new
-
-
-def mla_attention(cfg: ModelConfig, p, cache, x, plan, dtype):
-    """Absorbed MLA over the latent cache (SPEC 3.2); returns (y (B,T,C), updated layer cache).
-
-    With ``W_uk``/``W_uv`` the k/v parts of ``wkv_b``: ``q_nope . (c W_uk) = (q_nope W_uk^T) . c``
-    and ``sum_j p_j (c_j W_uv) = (sum_j p_j c_j) W_uv``, so keys and values are never expanded.
-    """
-    B, T, C = x.shape
-    H, dn, dv, r, dr = (cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank,
-                        cfg.qk_rope_head_dim)
-    if cfg.q_lora_rank:
-        q = _linear(cfg, p["wq_a"], x, dtype)
-        q = latent_norm(cfg, dtype, None).apply({"params": p["q_norm"]}, q)
-        q = _linear(cfg, p["wq_b"], q, dtype)
-    else:
-        q = _linear(cfg, p["wq"], x, dtype)
-    q = q.reshape(B, T, H, dn + dr)
-    cos, sin = plan["ropes"][BlockKind.MLA]
-    q_nope, q_pe = q[..., :dn], _rope(q[..., dn:], cos, sin)
-    latent = _linear(cfg, p["wkv_a"], x, dtype)  # (B, T, R+E)
-    c = latent_norm(cfg, dtype, None).apply({"params": p["kv_norm"]}, latent[..., :r])
-    k_pe = _rope(latent[..., None, r:], cos, sin)[:, :, 0]  # (B, T, E)
-    rows = jnp.arange(B)[:, None]
-    c_all = cache["c"].at[rows, plan["pos"]].set(c.astype(cache["c"].dtype), mode="drop")
-    kpe_all = cache["k_pe"].at[rows, plan["pos"]].set(k_pe.astype(cache["k_pe"].dtype), mode="drop")
-
-    w = p["wkv_b"]["kernel"].reshape(r, H, dn + dv).astype(dtype)
-    w_uk, w_uv = w[..., :dn], w[..., dn:]  # (R, H, N), (R, H, V)
-    q_c = jnp.einsum("BTHN,RHN->BTHR", q_nope, w_uk)
-    scores = (jnp.einsum("BTHR,BSR->BHTS", q_c, c_all.astype(dtype), preferred_element_type=f32)
-              + jnp.einsum("BTHE,BSE->BHTS", q_pe, kpe_all.astype(dtype),
-                           preferred_element_type=f32))
-    if cfg.bias:  # q_nope . b_k: one shift per query and head (softmax-invariant; kept, exact)
-        b = p["wkv_b"]["bias"].reshape(H, dn + dv).astype(dtype)
-        scores = scores + jnp.einsum("BTHN,HN->BHT", q_nope, b[:, :dn],
-                                     preferred_element_type=f32)[..., None]
-    scores = jnp.where(plan["mla_mask"][:, None], scores * (dn + dr) ** -0.5, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    o_latent = jnp.einsum("BHTS,BSR->BTHR", probs.astype(dtype), c_all.astype(dtype))
-    o = jnp.einsum("BTHR,RHV->BTHV", o_latent, w_uv)
-    if cfg.bias:  # the weights sum to one, so the v bias passes through unchanged
-        o = o + b[:, dn:]
-    y = _linear(cfg, p["wo"], o.reshape(B, T, H * dv), dtype)
-    return y, {"c": c_all, "k_pe": kpe_all}
-
-
-def _block(cfg: ModelConfig, kind: BlockKind, p, cache, x, plan, dtype):
-    if kind is BlockKind.SWA:
-        (n1, n2, mlp), attn = ("norm1", "norm2", "mlp"), swa_attention
-    else:
-        (n1, n2, mlp), attn = ("attn_norm", "ffn_norm", "ffn"), mla_attention
-    norm = block_norm(cfg, dtype, None)
-    y, cache = attn(cfg, p["attn"], cache, norm.apply({"params": p[n1]}, x), plan, dtype)
-    x = x + y
-    x = x + SwiGLU(cfg, dtype).apply({"params": p[mlp]}, norm.apply({"params": p[n2]}, x))
-    return x, cache
-
-
-def forward_chunk(cfg: ModelConfig, params, cache, tokens, start, end, dtype=f32):
-    """Run ``tokens`` (B, T) at positions ``start_b + t`` through the cached model.
-
-    Tokens at positions ``>= end_b`` are padding: they are neither stored in the SWA buffers nor
-    seen by real queries (MLA slots they touch are overwritten before any real query reads them).
-    Returns (final-normed hidden states (B, T, C), updated cache); see :func:`logits`.
-    """
-    B, T = tokens.shape
-    layers = cache["layers"]
-    S = next((c["c"].shape[-2] for c in _mla_caches(cfg, layers)), 1)
-    pos = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
-    plan = _chunk_plan(cfg, cache, pos, start, end, S)
-    x = Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype).apply({"params": params["wte"]}, tokens)
-    new = {}
-    for i, kind in enumerate(cfg.block_kinds):  # unrolled: each layer updates its own buffers
-        x, new[f"h_{i}"] = _block(cfg, kind, layer_params(cfg, params, i), layers[f"h_{i}"], x,
-                                  plan, dtype)
-    x = block_norm(cfg, dtype, None).apply({"params": params["ln_f"]}, x)
-    return x, {"layers": new, "swa_pos": plan["swa_pos"]}
-
-
-def layer_params(cfg: ModelConfig, params, i: int):
-    """Layer i's parameters: row ``i // L`` of the stacked ``cycles/block_{i % L}``, or ``h_i``."""
-    L = len(cfg.cycle)
-    if i < cfg.n_cycles * L:
-        return jax.tree_util.tree_map(lambda a: a[i // L], params["cycles"][f"block_{i % L}"])
-    return params[f"h_{i}"]
-
-
-def _mla_caches(cfg, layers):
-    return [layers[f"h_{i}"] for i, kind in enumerate(cfg.block_kinds) if kind is BlockKind.MLA]
-
-
-def logits(cfg: ModelConfig, params, x, dtype=f32):
-    """Tied-head logits (float32) of final hidden states x (..., C)."""
-    embed = Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype)
-    squeeze = x.ndim == 2
-    out = embed.apply({"params": params["wte"]}, x[:, None] if squeeze else x, method="attend")
-    return out[:, 0] if squeeze else out

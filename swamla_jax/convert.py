@@ -2,8 +2,8 @@
 
 Conversion is a name table plus transposes: a Flax path ``a/b/kernel`` is the portable
 ``a.b.weight`` transposed, ``embedding``/``weight``/``bias``/``alpha`` keep their layout, and layer
-``i`` lives either at ``cycles/block_{i % L}`` (row ``i // L`` of the stacked scan parameters) or,
-for the unrolled remainder, at ``h_{i}``.
+``i`` lives where ``swamla.layout.layer_location`` says: ``cycles/block_{i % L}`` (row ``i // L``
+of the stacked scan parameters) or, for the unrolled remainder, ``h_{i}``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,13 @@ import numpy as np
 from flax import traverse_util
 
 from swamla.config import ModelConfig, check_target_ids, check_token_ids, resolve_config
+from swamla.plan import ComputePlan, REFERENCE_PLAN
 from swamla.portable import (CheckpointError, apply_overrides, atomic_directory, check_tensors,
-                             load_portable, save_portable)
+                             is_jax_checkpoint, load_portable, save_portable)
 from swamla_jax.model import SWAMLA
 
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias",
                "alpha": "alpha"}
-
-
-def _layer_location(cfg: ModelConfig, i: int) -> tuple[str, int | None]:
-    L = len(cfg.cycle)
-    if i < cfg.n_cycles * L:
-        return f"cycles/block_{i % L}", i // L
-    return f"h_{i}", None
 
 
 def to_portable_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
@@ -127,10 +121,6 @@ class Model:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def _module(cfg: ModelConfig, dtype, remat_policy) -> SWAMLA:
-    return SWAMLA(cfg, dtype=jnp.dtype(dtype), remat_policy=remat_policy)
-
-
 def init_params(module: SWAMLA, seed: int = 0):
     """SPEC 6 random init; returns boxed params (they carry their logical axis names)."""
     idx = jnp.zeros((1, 1), jnp.int32)
@@ -142,10 +132,11 @@ def abstract_params(module: SWAMLA):
     return nn.meta.unbox(jax.eval_shape(lambda: init_params(module)))
 
 
-def from_config(config, *, seed: int = 0, dtype="float32", remat_policy: str = "none",
+def from_config(config, *, seed: int = 0, plan: ComputePlan = REFERENCE_PLAN,
                 **overrides) -> Model:
-    """A randomly initialized model (SPEC 6) from a config, preset name, file or dict."""
-    module = _module(resolve_config(config, **overrides), dtype, remat_policy)
+    """A randomly initialized model (SPEC 6) from a config, preset name, file or dict, run as
+    ``plan`` says; the same seed gives the same weights under any plan."""
+    module = SWAMLA(resolve_config(config, **overrides), plan)
     return Model(module, nn.meta.unbox(init_params(module, seed)))
 
 
@@ -157,12 +148,12 @@ def save_pretrained(model: Model, directory: str | Path, *, dtype: str = "float3
                          dtype=dtype, **kwargs)
 
 
-def load_pretrained(directory: str | Path, *, dtype="float32", remat_policy: str = "none",
+def load_pretrained(directory: str | Path, *, plan: ComputePlan = REFERENCE_PLAN,
                     **config_overrides) -> Model:
-    """A model from a portable checkpoint directory (float32 params, ``dtype`` compute)."""
+    """A model from a portable checkpoint directory (float32 params), run as ``plan`` says."""
     cfg, tensors = load_portable(directory)
     cfg = apply_overrides(cfg, config_overrides, str(directory))
-    module = _module(cfg, dtype, remat_policy)
+    module = SWAMLA(cfg, plan)
     return Model(module, from_portable_tensors(cfg, tensors, abstract_params(module)))
 
 
@@ -174,27 +165,25 @@ def save_native(model: Model, directory: str | Path) -> Path:
     atomically; an existing ``directory`` is replaced only if empty or a native checkpoint."""
     import orbax.checkpoint as ocp
 
-    from swamla.convert_cli import WRITTEN
-
     directory = Path(directory).absolute()
-    what, is_same_kind = WRITTEN["jax"]  # replaces only another native JAX checkpoint
-    with atomic_directory(directory, what=what, is_same_kind=is_same_kind) as tmp:
+    # replaces only another native JAX checkpoint
+    with atomic_directory(directory, what="native JAX checkpoint",
+                          is_same_kind=is_jax_checkpoint) as tmp:
         with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for the save
             ckptr.save(tmp / NATIVE_PARAMS_DIR, model.params)
         model.config.save(tmp / "config.json")
     return directory
 
 
-def load_native(directory: str | Path, *, dtype="float32") -> Model:
+def load_native(directory: str | Path, *, plan: ComputePlan = REFERENCE_PLAN) -> Model:
+    """A model from a native JAX checkpoint (``save_native``), run as ``plan`` says."""
     import orbax.checkpoint as ocp
-
-    from swamla.convert_cli import is_jax_checkpoint
 
     directory = Path(directory).absolute()
     if not is_jax_checkpoint(directory):
         raise CheckpointError(f"{directory} is not a native SWA-MLA JAX checkpoint "
                               f"(expected config.json and {NATIVE_PARAMS_DIR}/)")
-    module = _module(ModelConfig.load_saved(directory / "config.json"), dtype, "none")
+    module = SWAMLA(ModelConfig.load_saved(directory / "config.json"), plan)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(directory / NATIVE_PARAMS_DIR, abstract_params(module))
     return Model(module, params)

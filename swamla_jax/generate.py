@@ -27,14 +27,14 @@ import numpy as np
 from jax.experimental import io_callback
 
 from swamla.config import ModelConfig
+from swamla.plan import ComputePlan
 from swamla.sampling import (GREEDY, NO_TOKEN, GenerationResult, PromptBatch, SamplingParams,
                              build_parser, plan_batch, run_cli)
-from swamla_jax.cache import cache_nbytes, forward_chunk, init_cache, logits
+from swamla_jax.cache import cache_nbytes, init_cache
 from swamla_jax.convert import Model
+from swamla_jax.model import SWAMLA, forward_chunk, logits
 
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-
 
 
 # ------------------------------------------------------------------------------- sampling
@@ -73,41 +73,41 @@ def _stream_to_host(tokens, active):
         _STREAM[0](np.asarray(tokens), np.asarray(active))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
-def prefill_chunk(params, cache, tokens, start, lengths, *, cfg: ModelConfig, dtype):
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnames=("cache",))
+def prefill_chunk(params, cache, tokens, start, lengths, *, cfg: ModelConfig, plan: ComputePlan):
     """One prefill chunk; returns (cache, logits (B, V) at each row's last prompt position in this
     chunk (meaningful only for rows whose prompt ends inside it))."""
     TRACE_COUNTS["prefill_chunk"] += 1
-    x, cache = forward_chunk(cfg, params, cache, tokens, start, lengths, dtype)
+    x, cache = forward_chunk(cfg, plan, params, cache, tokens, start, lengths)
     idx = jnp.clip(lengths - 1 - start, 0, tokens.shape[1] - 1)
     last = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
-    return cache, logits(cfg, params, last, dtype)
+    return cache, logits(cfg, plan, params, last)
 
 
 def prefill(model: Model, batch: PromptBatch, cache=None):
     """Fill a fresh cache with the prompts; returns (cache, logits (B, V) at each last prompt
     token)."""
-    cfg, dtype = model.config, model.module.dtype
+    cfg, plan = model.config, model.module.plan
     B, T = batch.tokens.shape
     if cache is None:
-        cache = init_cache(cfg, B, batch.cache_len, dtype)
+        cache = init_cache(cfg, B, batch.cache_len, jnp.dtype(plan.compute_dtype))
     lengths = jnp.asarray(batch.lengths)
     last = None
     for s in range(0, T, batch.chunk):
         start = jnp.full((B,), s, jnp.int32)
         tokens = jnp.asarray(batch.tokens[:, s:s + batch.chunk])
         cache, out = prefill_chunk(model.params, cache, tokens, start, lengths, cfg=cfg,
-                                   dtype=dtype)
+                                   plan=plan)
         ends_here = (batch.lengths - 1 >= s) & (batch.lengths - 1 < s + batch.chunk)
         last = out if last is None else jnp.where(jnp.asarray(ends_here)[:, None], out, last)
     return cache, last
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("cfg", "dtype", "max_new_tokens", "structure",
+                   static_argnames=("cfg", "plan", "max_new_tokens", "structure",
                                     "return_logits", "stream"))
 def decode_loop(params, cache, first_logits, lengths, limits, key, temperature, top_k, top_p,
-                vocab_limit, eos_id, *, cfg: ModelConfig, dtype, max_new_tokens: int,
+                vocab_limit, eos_id, *, cfg: ModelConfig, plan: ComputePlan, max_new_tokens: int,
                 structure: tuple, return_logits: bool, stream: bool):
     """Sample N = max_new_tokens tokens per row in one ``lax.while_loop``.
 
@@ -148,9 +148,9 @@ def decode_loop(params, cache, first_logits, lengths, limits, key, temperature, 
         TRACE_COUNTS["decode_step"] += 1
         pos = length - 1  # the newest token's position; stopped rows rewrite it harmlessly
         tok = jnp.take_along_axis(out, jnp.full((B, 1), n - 1), axis=1)[:, 0]
-        x, cache = forward_chunk(cfg, params, cache, jnp.where(done, 0, tok)[:, None], pos,
-                                 pos + 1, dtype)
-        step_logits = logits(cfg, params, x[:, 0], dtype)
+        x, cache = forward_chunk(cfg, plan, params, cache, jnp.where(done, 0, tok)[:, None], pos,
+                                 pos + 1)
+        step_logits = logits(cfg, plan, params, x[:, 0])
         key, sub = jax.random.split(key)
         out, logit_buf, length, done = emit(n, pick(step_logits, sub), done, length, out,
                                             logit_buf, step_logits)
@@ -180,7 +180,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, sampling: SamplingPa
             model.params, cache, first, jnp.asarray(batch.lengths), jnp.asarray(batch.limits),
             jax.random.key(sampling.seed), jnp.float32(sampling.temperature),
             jnp.int32(sampling.top_k), jnp.float32(sampling.top_p), jnp.int32(vocab_limit),
-            jnp.int32(NO_TOKEN if eos_id is None else eos_id), cfg=cfg, dtype=model.module.dtype,
+            jnp.int32(NO_TOKEN if eos_id is None else eos_id), cfg=cfg, plan=model.module.plan,
             max_new_tokens=max_new_tokens, structure=sampling.structure,
             return_logits=return_logits, stream=on_token is not None)
         out = np.asarray(out)  # waits for the loop, so every callback has run
@@ -193,29 +193,32 @@ def generate(model: Model, prompts, *, max_new_tokens: int, sampling: SamplingPa
 
 # ------------------------------------------------------------------------------- command line
 def _load_any(path, *, dtype="float32", **config_overrides) -> Model:
-    """A model from any checkpoint this project writes (``swamla.convert_cli.detect_format``),
+    """A model from any checkpoint this project writes (``swamla.portable.detect_format``),
     a trainer's output_dir included (its newest checkpoint).
 
     Portable directories and native JAX directories load directly; a native PyTorch ``.pt`` is
     read through the portable tensors. Raises ``CheckpointError`` naming the accepted formats.
+    Decoding runs the reference attention path in ``dtype``.
     """
-    from swamla.convert_cli import detect_format, read_tensors
+    from swamla.convert_cli import read_tensors
+    from swamla.portable import detect_format
     from swamla.portable import CheckpointError, apply_overrides
-    from swamla_jax.convert import _module, abstract_params, from_portable_tensors
+    from swamla_jax.convert import abstract_params, from_portable_tensors
 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a portable checkpoint "
                               "directory, a native JAX directory, a PyTorch .pt file or a "
                               "trainer's output_dir")
+    plan = ComputePlan(compute_dtype=dtype)
     fmt = detect_format(path)
     if fmt == "portable":
         import swamla_jax
 
-        return swamla_jax.load_pretrained(path, dtype=dtype, **config_overrides)
+        return swamla_jax.load_pretrained(path, plan=plan, **config_overrides)
     cfg, tensors = read_tensors(path)
     cfg = apply_overrides(cfg, config_overrides, str(path))
-    module = _module(cfg, dtype, "none")
+    module = SWAMLA(cfg, plan)
     return Model(module, from_portable_tensors(cfg, tensors, abstract_params(module)))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,32 +23,27 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
-from swamla.config import ConfigError, ModelConfig, check_token_ids, count_params
+from swamla.config import ConfigError, ModelConfig, check_token_ids
+from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
-from swamla.metrics import MetricsLogger, ProgressBar, check_logging_packages, plot_metrics
+from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
+                            eval_metrics, plot_metrics, run_result, train_metrics)
+from swamla.plan import resolve_plan
 from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
-                                 check_resumed_model)
+                                 check_resumed_state)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
 from swamla_jax.convert import (Model, from_portable_tensors, init_params, save_pretrained,
                                 to_portable_tensors)
-from swamla_jax.fp8 import fp8_dot_general
 from swamla_jax.model import SWAMLA
 from swamla_jax.optim import build_optimizer, moments_of, with_moments
 
 log = logging.getLogger("swamla_jax.train")
-
-
-def _jax_attention_impl(name: str) -> str:
-    if name == "flex":
-        raise ConfigError("attention_impl 'flex' is PyTorch's; the JAX trainer takes auto, "
-                          "reference or cudnn")
-    return name
 
 
 class NonFiniteError(TrainingError):
@@ -58,7 +52,7 @@ class NonFiniteError(TrainingError):
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # iterations done (skipped ones included)
+    step: jax.Array  # iterations done, skipped ones included (swamla.metrics)
     params: Any
     opt_state: Any
     rng: jax.Array  # raw key data, so Orbax stores it as plain uint32
@@ -84,14 +78,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, mesh):
         self.cfg, self.mesh = cfg, mesh
-        self.module = SWAMLA(cfg.model, dtype=jnp.dtype(cfg.compute_dtype),
-                             remat_policy=cfg.remat_policy,
-                             dot_general=fp8_dot_general if cfg.use_fp8 else None,
-                             attention_impl=_jax_attention_impl(cfg.attention_impl),
-                             loss_chunk=cfg.loss_chunk, scan_layers=cfg.scan_layers,
-                             mlp_impl=cfg.mlp_impl,
-                             # fused kernels would interleave tensor-parallel column shards
-                             fuse_projections=cfg.fuse_projections and mesh.shape["tensor"] == 1)
+        self.plan = resolve_plan(
+            "jax", on_gpu=jax.default_backend() == "gpu", compute_dtype=cfg.compute_dtype,
+            attention_impl=cfg.attention_impl, mlp_impl=cfg.mlp_impl, fp8=cfg.use_fp8,
+            fuse_projections=cfg.fuse_projections, remat_policy=cfg.remat_policy,
+            scan_layers=cfg.scan_layers, loss_chunk=cfg.loss_chunk, dropout=cfg.model.dropout,
+            tensor_parallel=mesh.shape["tensor"] > 1)
+        self.module = SWAMLA(cfg.model, self.plan)
         boxed = jax.eval_shape(lambda: init_params(self.module, cfg.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh)
         self.param_shapes = sharding.unbox_values(boxed)
@@ -211,10 +204,9 @@ def _gather_data_state(loader) -> dict:
     return merge_states(states)
 
 
-def _device_memory_gb() -> float | None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+def _peak_memory_bytes() -> int | None:
+    """Peak bytes in use on this process's first device since it started (None on CPU)."""
+    return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
 class _StopVote:
@@ -246,8 +238,7 @@ def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> d
     loader.reset()
     losses = [trainer.eval_step(params, _to_global(trainer, _next_batch(loader, 1, vocab_size)))
               for _ in range(iters)]
-    loss = float(np.mean(jax.device_get(losses)))
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return eval_metrics(float(np.mean(jax.device_get(losses))))
 
 
 def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | Path | None:
@@ -271,7 +262,7 @@ def _start(trainer: Trainer, ckpt: Checkpointer, train_loader, val_loader):
     cfg = trainer.cfg
     start = _resolve_resume(cfg, ckpt)
     if isinstance(start, int):
-        _check_same_run(ckpt.restore_meta(start)["train_config"], cfg, ckpt.directory / str(start))
+        _check_same_run(ckpt.restore_meta(start), cfg, ckpt.directory / str(start))
     # An empty validation split fails now, not at the first evaluation (which starts the
     # stream over, so this batch is not lost).
     _next_batch(val_loader, 1, cfg.model.vocab_size)
@@ -290,11 +281,11 @@ def _start(trainer: Trainer, ckpt: Checkpointer, train_loader, val_loader):
     return start, state, int(meta["step"]), int(meta["skipped_total"])
 
 
-def _check_same_run(saved: Mapping[str, Any], cfg: TrainConfig, where: Path) -> None:
-    """A run resumed from its own checkpoints keeps the model and the optimizer state's layout
-    (Orbax restores a tree of the saved structure and shapes, nothing else)."""
-    check_resumed_model(ModelConfig.from_dict(saved["model"], source=str(where)), cfg.model,
-                        str(where))
+def _check_same_run(meta: Mapping[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """The checks of ``check_resumed_state``, and the optimizer state's layout, which a run
+    resumed from its own checkpoints keeps (Orbax restores a tree of the saved structure and
+    shapes, nothing else)."""
+    saved = meta["train_config"]
     for name in ("optimizer_type", "bf16_moments"):
         was = saved.get(name, getattr(TrainConfig, name))
         if was != getattr(cfg, name):
@@ -303,16 +294,18 @@ def _check_same_run(saved: Mapping[str, Any], cfg: TrainConfig, where: Path) -> 
                 f"{getattr(cfg, name)!r}. Resume with {name}={was!r}, or change it through a "
                 f"training state: python -m swamla.train_state export-jax {where.parent.parent} "
                 "STATE, then train with --resume STATE in a new --output_dir")
+    check_resumed_state(cfg, str(where), model=ModelConfig.from_dict(saved["model"],
+                                                                     source=str(where)),
+                        optimizer_type=saved.get("optimizer_type", TrainConfig.optimizer_type),
+                        step=int(meta["step"]))
 
 
 def import_train_state(trainer: Trainer, path: Path):
     """A TrainState (and its meta) from a portable training state written by either trainer."""
     cfg = trainer.cfg
     model_cfg, params, moments, meta = load_train_state(path)
-    check_resumed_model(model_cfg, cfg.model, str(path))
-    if meta["optimizer_type"] != cfg.optimizer_type:
-        raise ConfigError(f"{path} holds {meta['optimizer_type']} moments but optimizer_type is "
-                          f"{cfg.optimizer_type!r}")
+    check_resumed_state(cfg, str(path), model=model_cfg, optimizer_type=meta["optimizer_type"],
+                        step=meta["step"], params=params)
     as_tree = lambda tensors: from_portable_tensors(  # noqa: E731
         cfg.model, tensors, trainer.param_shapes)
     tree = as_tree(params)
@@ -322,11 +315,11 @@ def import_train_state(trainer: Trainer, path: Path):
     if cfg.bf16_moments:
         cast = lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), t)  # noqa: E731
         mu, nu = cast(mu), None if nu is None else cast(nu)
-    step = int(meta["step"])
+    step, updates = int(meta["step"]), int(meta["step"]) - int(meta["bad_steps"])
 
     def build(tree, mu, nu):
         state = trainer._fresh_state()
-        opt_state = with_moments(state.opt_state, mu, nu, jnp.asarray(step, jnp.int32))
+        opt_state = with_moments(state.opt_state, mu, nu, jnp.asarray(updates, jnp.int32))
         return state.replace(step=jnp.asarray(step, jnp.int32), params=tree, opt_state=opt_state)
 
     state = jax.jit(build, out_shardings=trainer.state_shardings)(tree, mu, nu)
@@ -353,20 +346,21 @@ def restore_latest(run_dir: str | Path):
 def export_train_state(src: str | Path, dst: str | Path) -> Path:
     """Write the latest checkpoint of the JAX run in ``src`` as a portable training state."""
     cfg, state, meta = restore_latest(src)
-    mu, nu, count = moments_of(state.opt_state)
+    mu, nu, _ = moments_of(state.opt_state)
     tensors = lambda tree: to_portable_tensors(cfg.model, tree)  # noqa: E731
     moments = {f"{k}.exp_avg": v for k, v in tensors(mu).items()}
     if nu is not None:
         moments.update({f"{k}.exp_avg_sq": v for k, v in tensors(nu).items()})
     return save_train_state(dst, cfg.model, tensors(state.params), moments, {
-        "format": "swamla-train-state", "version": 1, "step": int(count),
+        "format": "swamla-train-state", "version": 1, "step": int(meta["step"]),
         "optimizer_type": cfg.optimizer_type, "train_config": cfg.to_dict(),
         "data_state": meta["data_state"], "bad_steps": int(meta["skipped_total"]),
         "framework": "jax"})
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a whole training job; returns the last logged metrics (and eval results)."""
+    """Run a whole training job; returns ``swamla.metrics.run_result``: the step reached, the
+    last training and evaluation records, the paths written."""
     sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if jax.process_index() == 0:
         check_logging_packages(cfg)
@@ -414,9 +408,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             return {"step": step, "skipped_total": skipped_total,
                     "data_state": _gather_data_state(train_loader), "train_config": cfg.to_dict()}
 
-        last: dict[str, Any] = {}
+        last: dict[str, Any] = {}  # the newest training record
+        last_eval: dict[str, Any] = {}
+        saved = stopped_early = None
         pending = None  # (step, metrics) of the newest step, read once the next one is queued
         mark = (time.perf_counter(), step)  # tokens/s counts the steps finished since mark
+        losses: list[float] = []  # of the applied steps since the last record
         compiled = False
 
         def settle():
@@ -426,16 +423,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 return
             at, metrics = pending
             pending = None
-            skipped_total += _check_finite(metrics, cfg)
+            ok, loss = _check_finite(metrics, cfg)
+            if ok:
+                losses.append(loss)
+            else:
+                skipped_total += 1
             if at % cfg.log_interval and at != cfg.max_iters:
                 return
-            m = jax.device_get(metrics)
             now = time.perf_counter()
             tok_s = tokens_per_step * (at - mark[1]) / (now - mark[0]) if at > mark[1] else None
-            last = {"loss": float(m["loss"]), "lr": lr_at(max(at - 1 - skipped_total, 0), cfg),
-                    "grad_norm": float(m["grad_norm"]), "tokens_per_s": tok_s,
-                    "mfu": tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
-                    "mem_gb": _device_memory_gb(), "skipped_steps": skipped_total}
+            last = train_metrics(
+                loss=float(np.mean(losses)) if losses else None,
+                lr=lr_at(max(at - skipped_total - 1, 0), cfg),
+                grad_norm=float(jax.device_get(metrics["grad_norm"])), tokens_per_s=tok_s,
+                mfu=tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
+                peak_memory_bytes=_peak_memory_bytes(), skipped_steps=skipped_total)
+            losses.clear()
             logger.log(at, last)
             bar.update(0, {"loss": last["loss"]})
             mark = (now, at)
@@ -464,17 +467,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     if step % cfg.save_interval == 0 or step == cfg.max_iters:
                         settle()  # saved before evaluating: a failing evaluation loses nothing
                         ckpt.save(step, state, meta_now())
+                        saved = step
                         restart_clock()
                     if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                         settle()
-                        last.update(evaluate(trainer, state.params, val_loader, cfg.eval_iters,
-                                             vocab))
-                        logger.log(step, {k_: last[k_] for k_ in ("eval_loss", "eval_ppl")})
+                        last_eval = evaluate(trainer, state.params, val_loader, cfg.eval_iters,
+                                             vocab)
+                        logger.log(step, last_eval)
                         restart_clock()
                     if stop_requested():
                         settle()
                         log.warning("stop signal: saving step %d and exiting", step)
                         ckpt.save(step, state, meta_now(), wait=True)
+                        saved, stopped_early = step, True
                         break
                 settle()
         finally:
@@ -483,24 +488,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             train_loader.close()
             val_loader.close()
             logger.close()
-        if is_main and logger.path.is_file() and logger.path.stat().st_size:
-            plot_metrics(logger.path, out / "loss.png")
+        plot = export = None
+        if is_main and logger.path.is_file():
+            try:
+                plot = plot_metrics(logger.path, out / PLOT_FILE)
+            except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
+                log.info("no plot: %s", e)
         if cfg.export_portable and step >= cfg.max_iters:
             params = multihost_utils.process_allgather(state.params, tiled=True)
             if is_main:
-                save_pretrained(Model(trainer.module, params), out / "export")
-        return {**last, "step": step}
+                export = save_pretrained(Model(trainer.module, params), out / "export")
+        return run_result(step=step, skipped_steps=skipped_total, train=last,
+                          evaluation=last_eval, stopped_early=bool(stopped_early),
+                          checkpoint=None if saved is None else ckpt.directory / str(saved),
+                          export=export, plot=plot)
 
 
-def _check_finite(metrics, cfg: TrainConfig) -> int:
-    """1 if the step was skipped; raise once max_bad_steps non-finite steps came in a row."""
-    ok, streak = (int(x) for x in jax.device_get((metrics["ok"], metrics["bad_steps"])))
+def _check_finite(metrics, cfg: TrainConfig) -> tuple[bool, float]:
+    """(whether the step's update was applied, its loss); raise once max_bad_steps non-finite
+    steps came in a row."""
+    ok, streak, loss = jax.device_get((metrics["ok"], metrics["bad_steps"], metrics["loss"]))
     if ok:
-        return 0
+        return True, float(loss)
+    streak = int(streak)
     log.warning("non-finite loss or gradient: update skipped (%d in a row)", streak)
     if streak >= cfg.max_bad_steps:
         raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient "
                              f"(max_bad_steps={cfg.max_bad_steps}); stopping. The last good "
                              "checkpoint is kept: lower learning_rate or check the data, then "
                              "resume")
-    return 1
+    return False, float(loss)

@@ -1,22 +1,26 @@
-"""SWA and MLA attention of SWA-MLA in PyTorch (SPEC.md section 3).
+"""SWA and MLA attention of SWA-MLA in PyTorch (SPEC.md section 3), training and cached forms.
 
 Shapes: B batch, T query time, S key time, C model width, H query heads, K kv heads,
-G = H / K heads per kv group, D head dim, R kv latent rank (kv_lora_rank), Q q latent rank,
-N nope dim, E rope dim, V value dim.
+G = H / K heads per kv group, D head dim, P = D/2 rotation pairs, R kv latent rank,
+N nope dim, E rope dim, V value dim, W window, Z sink slots.
 
-Which attention kernel runs is decided in :func:`attention` alone; the blocks only describe the
-mask (causal, window, sink).
+Each module has one ``forward``: without ``cache`` it attends over the whole sequence (training,
+evaluation); with this layer's ``cache`` buffers (``swamla_torch.cache``) it runs a chunk of new
+tokens against them and writes the chunk in place. Which kernel runs is decided in
+:func:`attention` alone, from the compute plan; the modules only describe the mask.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from swamla.config import ModelConfig
+from swamla.plan import ComputePlan, REFERENCE_PLAN
+from swamla_torch.cache import swa_keys, write_latent_, write_swa_
+from swamla_torch.kernels.attention import fast_attention
+from swamla_torch.kernels.fp8 import linear
 from swamla_torch.layers import apply_rope, latent_norm, logit_scale
 
 
@@ -33,41 +37,29 @@ def visible_mask(T: int, S: int, window: int | None, sink: int, device) -> torch
     return mask
 
 
-ATTENTION_IMPLS = ("auto", "reference", "flex")
-
-
-def resolve_attention_impl(name: str, device: torch.device, dtype: torch.dtype,
-                           dropout: float) -> str:
-    """The one place a kernel is chosen: FlexAttention (SWA, block-sparse) and SDPA flash (MLA)
-    on CUDA in 16-bit without dropout (``auto``), else the reference path, exact in float32."""
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS} for PyTorch, got {name!r}")
-    if name == "auto":
-        fast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and dropout == 0
-        return "flex" if fast else "reference"
-    if name == "flex" and dropout > 0:
-        raise ValueError("attention_impl='flex' needs dropout 0; use 'reference'")
-    return name
-
-
 def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
-              dropout_p: float = 0.0, impl: str = "reference") -> torch.Tensor:
-    """Causal (optionally windowed + sink) attention; q (B,T,H,D), k (B,S,K,D), v (B,S,K,V).
+              mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              impl: str = "reference") -> torch.Tensor:
+    """Causal (optionally windowed + sink) attention; q (B, T, H, D), k (B, S, K, D),
+    v (B, S, K, V) -> (B, T, H, V).
 
     ``impl="reference"``: explicit float32 scores and softmax, exact to the SPEC on any device.
-    ``impl="flex"``: FlexAttention with a block mask (tiles outside window + sink are skipped)
-    for SWA, and SDPA's flash/cuDNN kernels for plain causal MLA attention.
+    ``mask`` (B, T, S) then replaces the causal one: the cached path, whose keys are not in
+    time order. ``impl="flex"`` (``kernels.attention``): FlexAttention with a block mask (tiles
+    outside window + sink are skipped) for SWA, SDPA's flash/cuDNN kernels for causal MLA.
     """
     if impl == "flex":
-        return _fast_attention(q, k, v, scale, window, sink)
-    B, T, H, _ = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = H // K
+        return fast_attention(q, k, v, scale, window, sink)
+    T, S = q.shape[1], k.shape[1]
+    G = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)  # (B, H, T, D)
     kh = k.repeat_interleave(G, dim=2).transpose(1, 2)  # (B, H, S, D): head h reads kv head h // G
     vh = v.repeat_interleave(G, dim=2).transpose(1, 2)  # (B, H, S, V)
     scores = torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * scale  # (B, H, T, S)
-    mask = visible_mask(T, S, window, sink, q.device)
+    if mask is None:
+        mask = visible_mask(T, S, window, sink, q.device)  # (T, S)
+    else:
+        mask = mask[:, None]  # (B, 1, T, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
@@ -76,114 +68,128 @@ def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0
     return out.transpose(1, 2)  # (B, T, H, V)
 
 
-def _swa_block_mask(T: int, window: int, sink: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def visible(b, h, q_idx, kv_idx):  # SPEC 3.1
-        return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < sink))
-
-    return create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-
-_cached_swa_block_mask = functools.lru_cache(maxsize=32)(_swa_block_mask)  # eager calls
-
-
-def _fast_attention(q, k, v, scale, window, sink):
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    gqa = kh.shape[1] != qh.shape[1]
-    if window is None:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=gqa)
-    elif torch.compiler.is_compiling():
-        # Inside the compiled model: the block mask becomes part of the graph (a few tiny
-        # kernels a step) and flex_attention is lowered to its fused kernel with the rest. Dynamo
-        # cannot honour an lru_cache here; calling the cached helpers would only warn.
-        from torch.nn.attention.flex_attention import flex_attention
-
-        mask = _swa_block_mask(q.shape[1], window, sink, str(q.device))
-        out = flex_attention(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa)
-    else:
-        mask = _cached_swa_block_mask(q.shape[1], window, sink, str(q.device))
-        out = _compiled_flex()(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    """Eager calls: flex_attention only runs its fused kernel compiled; eager it materializes
-    the scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
 class SWAttention(nn.Module):
-    """Sliding-window attention with an attention sink, RoPE and grouped-query heads (SPEC 3.1)."""
+    """Sliding-window attention with an attention sink, RoPE and grouped-query heads (SPEC 3.1).
 
-    def __init__(self, cfg: ModelConfig):
+    The cache holds a ring of the last W keys/values and the first Z (the sink).
+    """
+
+    def __init__(self, cfg: ModelConfig, plan: ComputePlan = REFERENCE_PLAN):
         super().__init__()
-        self.cfg = cfg
-        self.attention_impl = "reference"  # set by SWAMLA.set_attention_impl
+        self.cfg, self.impl = cfg, plan.attention_impl
         C, kv = cfg.n_embd, cfg.n_head_kv * cfg.head_dim
-        self.q_proj = nn.Linear(C, C, bias=cfg.bias)
-        self.k_proj = nn.Linear(C, kv, bias=cfg.bias)
-        self.v_proj = nn.Linear(C, kv, bias=cfg.bias)
-        self.o_proj = nn.Linear(C, C, bias=cfg.bias)
+        self.q_proj = linear(C, C, cfg.bias, plan.fp8)
+        self.k_proj = linear(C, kv, cfg.bias, plan.fp8)
+        self.v_proj = linear(C, kv, cfg.bias, plan.fp8)
+        self.o_proj = linear(C, C, cfg.bias, plan.fp8)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, positions):
+    def forward(self, x, rope, positions, cache=None, chunk=None):
+        """x (B, T, C) -> (B, T, C).
+
+        Whole sequences: ``positions`` (T,), ``rope`` cos/sin (T, P). A cached chunk: ``cache``
+        this layer's buffers, ``chunk`` from ``cache.chunk_layout``, ``positions`` (B, T) per
+        row, ``rope`` (B, T, P); the chunk's keys and values enter the buffers in place.
+        """
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_head_kv, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.n_head_kv, cfg.head_dim)
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, cfg.n_head_kv, cfg.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, cfg.n_head_kv, cfg.head_dim)  # (B, T, K, D)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cfg.logit_scale_base is not None and (not self.training
+        # SPEC 3.1: inference always scales; training only if the config asks.
+        if cfg.logit_scale_base is not None and (cache is not None or not self.training
                                                  or cfg.apply_logit_scale_during_training):
-            q = (q.float() * logit_scale(cfg, positions)[:, None, None]).to(q.dtype)
-        y = attention(q, k, v, scale=cfg.head_dim ** -0.5, window=cfg.swa_window,
-                      sink=cfg.swa_sink_size, dropout_p=cfg.dropout if self.training else 0.0,
-                      impl=self.attention_impl)
+            q = (q.float() * logit_scale(cfg, positions)[..., None, None]).to(q.dtype)
+        scale = cfg.head_dim ** -0.5
+        if cache is None:
+            y = attention(q, k, v, scale=scale, window=cfg.swa_window, sink=cfg.swa_sink_size,
+                          dropout_p=cfg.dropout if self.training else 0.0, impl=self.impl)
+        else:  # the reference path: the flash kernels take no per-row mask
+            k_all, v_all = swa_keys(cache, k, v, q.dtype)  # (B, Z + W + T, K, D)
+            y = attention(q, k_all, v_all, scale=scale, mask=chunk["swa_mask"])
+            write_swa_(cache, k, v, chunk)
         return self.resid_dropout(self.o_proj(y.reshape(B, T, -1)))
 
 
 class MLAttention(nn.Module):
-    """DeepSeek-V2/V3 multi-head latent attention, expanded form (SPEC 3.2)."""
+    """DeepSeek-V2/V3 multi-head latent attention (SPEC 3.2): the expanded form over whole
+    sequences, the absorbed form over a cache of latents, as DeepSeek-V3's inference MLA."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ComputePlan = REFERENCE_PLAN):
         super().__init__()
-        self.cfg = cfg
-        self.attention_impl = "reference"  # set by SWAMLA.set_attention_impl
+        self.cfg, self.impl = cfg, plan.attention_impl
         C, H = cfg.n_embd, cfg.n_head
         dqk, dn, dv, r, dr = (cfg.mla_qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim,
                               cfg.kv_lora_rank, cfg.qk_rope_head_dim)
         if cfg.q_lora_rank:
-            self.wq_a = nn.Linear(C, cfg.q_lora_rank, bias=cfg.bias)
+            self.wq_a = linear(C, cfg.q_lora_rank, cfg.bias, plan.fp8)
             self.q_norm = latent_norm(cfg, cfg.q_lora_rank)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * dqk, bias=cfg.bias)
+            self.wq_b = linear(cfg.q_lora_rank, H * dqk, cfg.bias, plan.fp8)
         else:
-            self.wq = nn.Linear(C, H * dqk, bias=cfg.bias)
-        self.wkv_a = nn.Linear(C, r + dr, bias=cfg.bias)
+            self.wq = linear(C, H * dqk, cfg.bias, plan.fp8)
+        self.wkv_a = linear(C, r + dr, cfg.bias, plan.fp8)
         self.kv_norm = latent_norm(cfg, r)
-        self.wkv_b = nn.Linear(r, H * (dn + dv), bias=cfg.bias)
-        self.wo = nn.Linear(H * dv, C, bias=cfg.bias)
+        self.wkv_b = linear(r, H * (dn + dv), cfg.bias, plan.fp8)
+        self.wo = linear(H * dv, C, cfg.bias, plan.fp8)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, positions):
+    def forward(self, x, rope, positions, cache=None, chunk=None):
+        """x (B, T, C) -> (B, T, C); arguments as ``SWAttention.forward``. With a cache, only the
+        chunk's latents c and rope keys k_pe are stored, at slots ``positions``."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, dn, dv, r = cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
-        q = q.view(B, T, H, cfg.mla_qk_head_dim)
+        q = q.view(B, T, H, cfg.mla_qk_head_dim)  # (B, T, H, N+E)
         cos, sin = rope
-        q = torch.cat((q[..., :dn], apply_rope(q[..., dn:], cos, sin)), dim=-1)  # (B, T, H, N+E)
+        q_nope, q_pe = q[..., :dn], apply_rope(q[..., dn:], cos, sin)  # (B, T, H, N), (B, T, H, E)
         latent = self.wkv_a(x)  # (B, T, R+E)
         c = self.kv_norm(latent[..., :r])  # (B, T, R)
         k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): one key for all heads
-        kv = self.wkv_b(c).view(B, T, H, dn + dv)
+        if cache is None:
+            y = self._expanded(q_nope, q_pe, c, k_pe)
+        else:
+            write_latent_(cache, c, k_pe[:, :, 0], positions)
+            y = self._absorbed(q_nope, q_pe, cache, chunk["mla_mask"])
+        return self.resid_dropout(self.wo(y.reshape(B, T, H * dv)))
+
+    def _expanded(self, q_nope, q_pe, c, k_pe):
+        """SPEC 3.2 as written: per-head keys and values from the latents; (B, T, H, V)."""
+        cfg = self.cfg
+        B, T, H, dn = q_nope.shape
+        kv = self.wkv_b(c).view(B, T, H, dn + cfg.v_head_dim)
         k = torch.cat((kv[..., :dn], k_pe.expand(B, T, H, -1)), dim=-1)  # (B, T, H, N+E)
         v = kv[..., dn:]  # (B, T, H, V)
-        y = attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5,
-                      dropout_p=cfg.dropout if self.training else 0.0, impl=self.attention_impl)
-        return self.resid_dropout(self.wo(y.reshape(B, T, H * dv)))
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N+E)
+        return attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5,
+                         dropout_p=cfg.dropout if self.training else 0.0, impl=self.impl)
+
+    def _absorbed(self, q_nope, q_pe, cache, mask):
+        """Attention over the S cached latents, W_kv_b folded into the query and the output:
+        ``q_nope . (c W_uk) = (q_nope W_uk^T) . c`` and
+        ``sum_j p_j (c_j W_uv) = (sum_j p_j c_j) W_uv``; mask (B, T, S); returns (B, T, H, V)."""
+        cfg = self.cfg
+        H, dn, dv, r = cfg.n_head, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        dtype = q_nope.dtype
+        c_all, kpe_all = cache["c"].to(dtype), cache["k_pe"].to(dtype)  # (B, S, R), (B, S, E)
+        w = self.wkv_b.weight.view(H, dn + dv, r).to(dtype)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # (H, N, R), (H, V, R)
+        q_c = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)  # (B, T, H, R)
+        # Products in the compute dtype, then float32 (as DeepSeek's reference inference does):
+        # casting the whole latent cache to float32 every step would multiply its memory traffic.
+        scores = (torch.einsum("bthr,bsr->bhts", q_c, c_all).float()
+                  + torch.einsum("bthe,bse->bhts", q_pe.to(dtype), kpe_all).float())  # (B, H, T, S)
+        bias = self.wkv_b.bias
+        if bias is not None:  # q_nope . b_k: one shift per query and head (kept for exactness)
+            b = bias.view(H, dn + dv).to(dtype)
+            scores = scores + torch.einsum("bthn,hn->bht", q_nope.float(),
+                                           b[:, :dn].float())[..., None]
+        scores = (scores * cfg.mla_qk_head_dim ** -0.5).masked_fill(~mask[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o_latent = torch.einsum("bhts,bsr->bthr", probs.to(dtype), c_all)  # (B, T, H, R)
+        o = torch.einsum("bthr,hvr->bthv", o_latent, w_uv)  # (B, T, H, V)
+        if bias is not None:  # the weights sum to one, so the v bias passes through unchanged
+            o = o + b[:, dn:]
+        return o

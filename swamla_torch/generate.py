@@ -21,14 +21,13 @@ from typing import Callable
 
 import torch
 
+from swamla.plan import REFERENCE_PLAN
 from swamla.sampling import (GREEDY, NO_TOKEN, GenerationError, GenerationResult, PromptBatch,
                              SamplingParams, build_parser, plan_batch, run_cli)
-from swamla_torch.cache import cache_nbytes, cache_tensors, forward_chunk, init_cache, logits
+from swamla_torch.cache import cache_nbytes, cache_tensors, init_cache
 from swamla_torch.model import SWAMLA
 
 _CHECK_DONE_EVERY = 8  # decode steps between host syncs that test "every row stopped"
-
-
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator, sampling: SamplingParams,
@@ -68,18 +67,18 @@ def prefill(model: SWAMLA, batch: PromptBatch, cache=None):
     last_x = None
     for s in range(0, T, batch.chunk):
         start = torch.full((B,), s, dtype=torch.long, device=dev)
-        x = forward_chunk(model, cache, tokens[:, s:s + batch.chunk], start, lengths)
+        x = model.forward_chunk(cache, tokens[:, s:s + batch.chunk], start, lengths)
         idx = (lengths - 1 - s).clamp(0, x.shape[1] - 1)
         here = x[torch.arange(B, device=dev), idx]  # (B, C)
         ends = ((lengths - 1 >= s) & (lengths - 1 < s + batch.chunk))[:, None]
         last_x = here if last_x is None else torch.where(ends, here, last_x)
-    return cache, logits(model, last_x)
+    return cache, model.logits(last_x)
 
 
 def _decode_step(model, cache, tok, pos):
     """One token per row (B,) at positions ``pos`` (B,); returns logits (B, V) float32."""
-    x = forward_chunk(model, cache, tok[:, None], pos, pos + 1)
-    return logits(model, x[:, 0])
+    x = model.forward_chunk(cache, tok[:, None], pos, pos + 1)
+    return model.logits(x[:, 0])
 
 
 def compiled_decode_step(model, cache):
@@ -169,13 +168,14 @@ def generate(model: SWAMLA, prompts, *, max_new_tokens: int, sampling: SamplingP
 
 # ------------------------------------------------------------------------------- command line
 def _load_any(path, **config_overrides) -> SWAMLA:
-    """A model from any checkpoint this project writes (``swamla.convert_cli.detect_format``),
+    """A model from any checkpoint this project writes (``swamla.portable.detect_format``),
     a trainer's output_dir included (its newest checkpoint).
 
     Portable directories and native ``.pt`` files load directly; a native JAX directory is read
     through the portable tensors. Raises ``CheckpointError`` naming the accepted formats.
     """
-    from swamla.convert_cli import detect_format, read_tensors
+    from swamla.convert_cli import read_tensors
+    from swamla.portable import detect_format
     from swamla.portable import CheckpointError, apply_overrides
     from swamla_torch.convert import load_portable_tensors, load_pretrained
 
@@ -189,7 +189,7 @@ def _load_any(path, **config_overrides) -> SWAMLA:
     cfg, tensors = read_tensors(path)
     cfg = apply_overrides(cfg, config_overrides, str(path))
     with torch.device("meta"):
-        model = SWAMLA(cfg)
+        model = SWAMLA(cfg, REFERENCE_PLAN)  # decoding runs the reference attention path
     return load_portable_tensors(model.to_empty(device="cpu"), tensors, str(path))
 
 

@@ -1,6 +1,7 @@
 """Norms, RoPE and the SwiGLU MLP of SWA-MLA in PyTorch (SPEC.md sections 3 and 4).
 
-Shapes: B batch, T time, C model width, H heads, D head dim, P = D/2 rotation pairs.
+Shapes: B batch, T time, C model width, H heads, D head dim, P = D/2 rotation pairs,
+F MLP hidden width.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swamla.config import ModelConfig
+from swamla.plan import REFERENCE_PLAN, ComputePlan
+from swamla_torch.kernels.fp8 import linear
+
 
 
 class RMSNorm(nn.Module):
@@ -66,33 +70,35 @@ def latent_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 def rope_tables(dim: int, positions: torch.Tensor, theta: float, factor: float):
-    """cos/sin of ``a = (t / factor) * theta ** (-2p / dim)``, float32, each (T, P)."""
+    """cos/sin of ``a = (t / factor) * theta ** (-2p / dim)``, float32, each ``positions.shape``
+    + (P,): (T, P) for one shared row of positions, (B, T, P) for per-row positions (decoding)."""
     inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
-    angles = torch.outer(positions.float() / factor, inv_freq)
+    angles = (positions.float() / factor)[..., None] * inv_freq  # (..., P)
     return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs ``(x[2p], x[2p+1])`` of x (B, T, H, D) in float32 (SPEC 3)."""
+    """Rotate interleaved pairs ``(x[2p], x[2p+1])`` of x (B, T, H, D) in float32 (SPEC 3);
+    cos/sin (T, P) or (B, T, P) from :func:`rope_tables`."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, P)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, P)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # (T, 1, P) or (B, T, 1, P)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
-    """``(silu(gate) * up) W_down`` with up and gate from one fused projection (SPEC 4)."""
+    """``(silu(gate) * up) w_down`` with up and gate from one fused projection (SPEC 4)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ComputePlan = REFERENCE_PLAN):
         super().__init__()
         self.hidden = cfg.mlp_hidden
-        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.gate_up_proj = linear(cfg.n_embd, 2 * cfg.mlp_hidden, cfg.bias, plan.fp8)
+        self.down_proj = linear(cfg.mlp_hidden, cfg.n_embd, cfg.bias, plan.fp8)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        up, gate = self.gate_up_proj(x).split(self.hidden, dim=-1)
+        up, gate = self.gate_up_proj(x).split(self.hidden, dim=-1)  # (B, T, F) each
         return self.dropout(self.down_proj(F.silu(gate) * up))
 
 

@@ -89,7 +89,7 @@ class _MomentOptimizer(torch.optim.Optimizer):
             return  # updated in place
         gen = None
         for k, values in moments.items():
-            for state, value in zip(stored, values):
+            for state, value in zip(stored, values, strict=True):
                 target = local(state[k])
                 if gen is None or gen.device != value.device:
                     gen = torch.Generator(device=value.device)

@@ -10,8 +10,9 @@ It shares with the JAX trainer the config and command line (``swamla.train_confi
 
 One optimizer step: ``gradient_accumulation_steps`` micro-batches (loss / k each; gradients
 all-reduced on the last only), the global gradient norm, a skip if the loss or norm is not finite
-(``max_bad_steps`` in a row stop the run), clipping, ``lr_at(step)``, the update.
-``step`` counts updates done, as in the JAX trainer and the training state.
+(``max_bad_steps`` in a row stop the run), clipping, ``lr_at(step - skipped_steps)``, the update.
+``step`` counts iterations done, skipped ones included, and the metrics logged are those of the
+JAX trainer (``swamla.metrics`` defines both).
 """
 
 from __future__ import annotations
@@ -24,32 +25,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from swamla.config import ConfigError, check_token_ids, count_params
+from swamla.config import ConfigError, check_token_ids
+from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
-from swamla.metrics import MetricsLogger, ProgressBar, check_logging_packages, plot_metrics
-from swamla.portable import (CheckpointError, check_tensors, remove_stale_temporaries,
-                             save_portable)
+from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
+                            eval_metrics, plot_metrics, run_result, train_metrics)
+from swamla.plan import resolve_plan
+from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
 from swamla.schedule import lr_at
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
-                                 check_resumed_model, save_failed)
+                                 check_resumed_state, save_failed)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
                                      save_checkpoint, set_moments, set_rng_state)
 from swamla_torch.convert import load_portable_tensors
 from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum, full_numpy
-from swamla_torch.fp8 import use_fp8_linears
 from swamla_torch.model import SWAMLA
 from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
 
 EXPORT_DIR = "export"
-PLOT_NAME = "loss.png"  # the JAX trainer's name too
-
-
-# The errors that mean bad input (config, data, checkpoint), not a failed run: the CLI prints them.
-INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def export_train_state(checkpoint: str | Path, out: str | Path) -> Path:
@@ -75,7 +72,8 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says; returns the final metrics (step, loss, eval_loss, paths...)."""
+    """Train as ``cfg`` says; returns ``swamla.metrics.run_result``: the step reached, the last
+    training and evaluation records, the paths written."""
     env = distributed.setup()
     try:
         with StopSignal() as stop:
@@ -88,20 +86,17 @@ def _compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[SWAMLA, str]:
-    """The model as training runs it (on the CPU, not yet wrapped) and the attention kernel
-    chosen for ``device``: one place, shared with ``benchmarks/bench_train.py``."""
-    raw = SWAMLA(cfg.model)
+def build_model(cfg: TrainConfig, device: torch.device) -> SWAMLA:
+    """The model as training runs it (on the CPU, not yet wrapped), its compute plan (``.plan``:
+    attention kernel, FP8, recomputation, loss chunk) resolved for ``device``: one place, shared
+    with ``benchmarks/bench_train.py``. Raises ConfigError for choices this device cannot run."""
+    plan = resolve_plan("torch", on_gpu=device.type == "cuda", compute_dtype=cfg.compute_dtype,
+                        attention_impl=cfg.attention_impl, mlp_impl=cfg.mlp_impl,
+                        fp8=cfg.use_fp8, remat_policy=cfg.remat_policy,
+                        loss_chunk=cfg.loss_chunk, dropout=cfg.model.dropout)
+    raw = SWAMLA(cfg.model, plan)
     raw.check_inputs = False  # batches are checked on the host (_batch): no device sync
-    raw.gradient_checkpointing = cfg.gradient_checkpointing
-    raw.loss_chunk = cfg.loss_chunk
-    if cfg.use_fp8:  # block projections as FP8 GEMMs (torch._scaled_mm), swamla_torch.fp8
-        use_fp8_linears(raw)
-    try:
-        impl = raw.set_attention_impl(cfg.attention_impl, device, _compute_dtype(cfg))
-    except ValueError as e:  # e.g. 'cudnn' (JAX only), or 'flex' with dropout
-        raise ConfigError(str(e)) from e
-    return raw, impl
+    return raw
 
 
 class _Run:
@@ -118,7 +113,8 @@ class _Run:
         self.bad_total = self.resume.meta["bad_steps"] if self.resume else 0
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        raw, self.attention_impl = build_model(cfg, env.device)
+        raw = build_model(cfg, env.device)
+        self.attention_impl = raw.plan.attention_impl
         compute_dtype = _compute_dtype(cfg)
         if self.resume:
             self._check_resume(self.resume)
@@ -127,7 +123,8 @@ class _Run:
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(raw.named_parameters(), cfg, env.device)
         if self.resume:
-            set_moments(self.optimizer, raw, self.resume.moments, cfg.optimizer_type, self.step)
+            set_moments(self.optimizer, raw, self.resume.moments, cfg.optimizer_type,
+                        self.step - self.bad_total)
         rng = self.resume.rng if self.resume else None
         if rng is not None and len(rng) == env.world_size:
             set_rng_state(rng[env.rank], env.device)
@@ -146,17 +143,9 @@ class _Run:
         self.peak = peak * env.world_size if peak else None
 
     def _check_resume(self, resume) -> None:
-        cfg = self.cfg
-        if resume.meta["optimizer_type"] != cfg.optimizer_type:
-            raise ConfigError(f"{resume.path} holds {resume.meta['optimizer_type']} moments but "
-                              f"optimizer_type is {cfg.optimizer_type!r}; resume with "
-                              f"--optimizer_type {resume.meta['optimizer_type']}")
-        check_resumed_model(resume.model_config, cfg.model, str(resume.path))
-        check_tensors(resume.params, cfg.model, f"{resume.path} (resumed with this run's model "
-                      "config)")
-        if resume.step > cfg.max_iters:
-            raise ConfigError(f"{resume.path} is at step {resume.step}, past max_iters "
-                              f"{cfg.max_iters}")
+        check_resumed_state(self.cfg, str(resume.path), model=resume.model_config,
+                            optimizer_type=resume.meta["optimizer_type"], step=resume.step,
+                            params=resume.params)
 
     def _loader(self, split: str):
         env, cfg = self.env, self.cfg
@@ -204,7 +193,7 @@ class _Run:
         loss /= self.env.world_size
         if math.isfinite(loss) and math.isfinite(norm):
             clip_grads_(self.params, norm, self.cfg.grad_clip)
-            lr = lr_at(self.step, self.cfg)
+            lr = lr_at(self.step - self.bad_total, self.cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -223,7 +212,7 @@ class _Run:
                 total += self.par.model(x, y)[1].float()
         self.par.model.train()
         loss = all_reduce_sum(total, self.env).item() / (self.cfg.eval_iters * self.env.world_size)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+        return eval_metrics(loss)
 
     def save(self) -> Path:
         states = distributed.all_gather_objects(self.loader.state_dict(), self.env)
@@ -264,9 +253,12 @@ class _Run:
             self._say(f"resumed from {self.resume.path} at step {self.step} (written by "
                       f"{self.resume.meta['framework']})")
         tokens_per_step = cfg.tokens_per_step(env.world_size)
-        final: dict = {"stopped_early": False, "checkpoint": None}
-        in_a_row, last_saved = 0, (self.step if self.resume else None)
-        window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "norm": float("nan")}
+        last: dict = {}  # the newest training record
+        last_eval: dict = {}
+        checkpoint = export = plot = None
+        stopped_early, in_a_row, last_saved = False, 0, (self.step if self.resume else None)
+        # applied steps' losses, steps done and clock since the last record; the last grad norm
+        window = {"losses": [], "steps": 0, "t": time.perf_counter(), "norm": float("nan")}
         logger = MetricsLogger.from_config(cfg, resume_step=self.step if self.resume else None,
                                            is_main=env.is_main)
         bar = ProgressBar(cfg.max_iters, self.step, enabled=cfg.progress_bar,
@@ -274,11 +266,15 @@ class _Run:
         try:
             while self.step < cfg.max_iters:
                 loss, norm, stop = self._train_step()
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                self.step += 1
+                window["steps"] += 1
+                window["norm"] = norm
+                if math.isfinite(loss) and math.isfinite(norm):
+                    in_a_row = 0
+                    window["losses"].append(loss)
+                else:
                     in_a_row += 1
                     self.bad_total += 1
-                    logger.log(self.step, {"loss": loss, "grad_norm": norm,
-                                           "skipped_steps": self.bad_total})
                     self._say(f"step {self.step}: non-finite loss {loss} or grad norm {norm}; "
                               f"update skipped ({in_a_row} in a row)")
                     if in_a_row >= cfg.max_bad_steps:
@@ -287,61 +283,57 @@ class _Run:
                             f"{cfg.max_bad_steps}) at step {self.step}; last good checkpoint: "
                             f"{latest_checkpoint(self.out) or 'none'}. Lower learning_rate, "
                             "check the data, or resume from that checkpoint")
-                else:
-                    in_a_row = 0
-                    self.step += 1
-                    window["loss"] += loss
-                    window["n"] += 1
-                    window["norm"] = norm
-                    final["loss"] = loss
-                    bar.update(1, {"loss": loss})
-                    if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
-                        logger.log(self.step, self._window_metrics(window, tokens_per_step))
-                    # saved before evaluating: a failing evaluation loses nothing
-                    if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
-                        final["checkpoint"] = str(self.save())
-                        last_saved = self.step
-                        window["t"] = time.perf_counter()
-                    if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                        final.update(self.evaluate())
-                        logger.log(self.step, {k: final[k] for k in
-                                               ("eval_loss", "eval_perplexity")})
-                        window["t"] = time.perf_counter()  # eval time is not training time
+                bar.update(1, {"loss": loss})
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                    last = self._window_metrics(window, tokens_per_step)
+                    logger.log(self.step, last)
+                # saved before evaluating: a failing evaluation loses nothing
+                if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
+                    checkpoint, last_saved = self.save(), self.step
+                    window["t"] = time.perf_counter()
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
+                    last_eval = self.evaluate()
+                    logger.log(self.step, last_eval)
+                    window["t"] = time.perf_counter()  # eval time is not training time
                 if stop:
                     self._say(f"stop requested at step {self.step}: saving and exiting")
                     if last_saved != self.step:
-                        final["checkpoint"] = str(self.save())
-                    final["stopped_early"] = True
+                        checkpoint = self.save()
+                    stopped_early = True
                     break
-            if not final["stopped_early"]:
+            if not stopped_early:
                 if last_saved != self.step:  # resumed at max_iters: nothing new to save
-                    final["checkpoint"] = str(self.save())
+                    checkpoint = self.save()
                 if cfg.export_portable:
-                    final["export"] = self.export()
+                    export = self.export()
         finally:
             bar.close()
             logger.close()
             self.loader.close()
             if self.val_loader is not None:
                 self.val_loader.close()
-        if env.is_main and (self.out / "metrics.jsonl").is_file():
+        if env.is_main and logger.path.is_file():
             try:
-                final["plot"] = str(plot_metrics(self.out / "metrics.jsonl", self.out / PLOT_NAME))
+                plot = plot_metrics(logger.path, self.out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 self._say(f"no plot: {e}")
-        final.update(step=self.step, skipped_steps=self.bad_total)
-        return final
+        return run_result(step=self.step, skipped_steps=self.bad_total, train=last,
+                          evaluation=last_eval, stopped_early=stopped_early,
+                          checkpoint=checkpoint, export=export, plot=plot)
 
     def _window_metrics(self, window: dict, tokens_per_step: int) -> dict:
+        """The training record of the steps in ``window``, which then starts over."""
         now = time.perf_counter()
-        tokens_per_s = window["n"] * tokens_per_step / max(now - window["t"], 1e-9)
-        metrics = {"loss": window["loss"] / max(window["n"], 1),
-                   "lr": lr_at(self.step - 1, self.cfg),  # the rate of the last update
-                   "grad_norm": window["norm"], "tokens_per_s": tokens_per_s,
-                   "mfu": mfu(self.n_params, tokens_per_s, self.peak),
-                   "mem_gb": (torch.cuda.max_memory_allocated(self.env.device) / 1e9
-                              if self.env.device.type == "cuda" else None),
-                   "skipped_steps": self.bad_total}
-        window.update(loss=0.0, n=0, t=now)
-        return {k: v for k, v in metrics.items() if v is not None}
+        tokens_per_s = window["steps"] * tokens_per_step / max(now - window["t"], 1e-9)
+        losses = window["losses"]
+        metrics = train_metrics(
+            loss=sum(losses) / len(losses) if losses else None,
+            lr=lr_at(max(self.step - self.bad_total - 1, 0), self.cfg),
+            grad_norm=window["norm"], tokens_per_s=tokens_per_s,
+            mfu=mfu(self.n_params, tokens_per_s, self.peak),
+            peak_memory_bytes=(torch.cuda.max_memory_allocated(self.env.device)
+                               if self.env.device.type == "cuda" else None),
+            skipped_steps=self.bad_total)
+        window.update(losses=[], steps=0, t=now)
+        return metrics
 

@@ -10,7 +10,7 @@ import pytest
 def fp8_and_bf16_runs(tmp_path):
     """``run(train, *flags)``: 200 steps of a trainer's ``train`` in bf16 and again with
     ``--use_fp8``, same synthetic shards and init. Returns {"bf16"|"fp8": (first loss, mean of the
-    last 20)}: the FP8-tracks-bf16 check of issue #6, for either backend."""
+    last 20)}: the check that FP8 training tracks bf16, for either backend."""
     from swamla.data.synthetic import write_synthetic_shards
     from swamla.metrics import read_metrics
     from swamla.train_config import parse_args

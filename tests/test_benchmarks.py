@@ -110,13 +110,13 @@ def test_the_mfu_the_docstring_states_is_the_one_computed(monkeypatch):
 
 def test_a_torch_case_times_the_model_the_trainer_builds():
     """The loss chunking, FP8 and remat settings a torch case times are the trainer's own."""
-    from swamla_torch.fp8 import Fp8Linear
+    from swamla_torch.kernels.fp8 import Fp8Linear
 
     with bench_train.torch_setup("tiny", 64, 2, "fp8", "full", ["loss_chunk=16"],
                                  compile_model=False) as t:
         raw = t.par.raw
-        assert raw.loss_chunk == t.cfg.loss_chunk == 16
-        assert raw.gradient_checkpointing and not raw.check_inputs
+        assert raw.plan.loss_chunk == t.cfg.loss_chunk == 16
+        assert raw.plan.remat_policy == "full" and not raw.check_inputs
         assert any(isinstance(m, Fp8Linear) for m in raw.modules())
         assert float(t.step()) > 0
 
@@ -190,7 +190,7 @@ def test_pass_candidates_compute_the_models_function():
     for name, fn in bench_passes.ROPE[1:]:
         dtype = jnp.bfloat16 if name.startswith("packed") else jnp.float32
         xs, dys = x.astype(dtype), dy.astype(dtype)
-        got = value_and_grad(lambda v: fn(v, cos, sin), xs, dys)
+        got = value_and_grad(lambda v, fn=fn: fn(v, cos, sin), xs, dys)
         ref = value_and_grad(lambda v: model(v, cos, sin), xs, dys)
         for g, r in zip(got, ref):
             if dtype == jnp.bfloat16:

@@ -21,8 +21,9 @@ import swamla_torch as st
 from swamla import train_state as ts
 from swamla.config import ConfigError, load_preset
 from swamla.convert_cli import main as convert_main
-from swamla.portable import (CheckpointError, CheckpointWriteError, expected_shapes,
-                             load_portable, remove_stale_temporaries, save_portable)
+from swamla.layout import expected_shapes
+from swamla.portable import (CheckpointError, CheckpointWriteError, load_portable,
+                             remove_stale_temporaries, save_portable)
 from swamla_torch.checkpoint import load_checkpoint
 
 
@@ -340,7 +341,7 @@ def test_killed_save_leaves_a_temporary_that_is_then_removed(tmp_path, cfg):
         import numpy as np
         from swamla import train_state as ts
         from swamla.config import load_preset
-        from swamla.portable import expected_shapes
+        from swamla.layout import expected_shapes
 
         cfg = load_preset("tiny", n_layer=3, vocab_size=128, block_size=32)
         params = {{k: np.zeros(s, np.float32) for k, s in expected_shapes(cfg).items()}}

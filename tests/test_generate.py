@@ -154,8 +154,10 @@ def test_jax_absorbed_mla_equals_expanded():
                  "k_pe": jnp.zeros((B, T, cfg.qk_rope_head_dim))}
         cache = {"swa_pos": jnp.full((B, cfg.swa_window), -1, jnp.int32)}
         start, end = jnp.zeros(B, jnp.int32), jnp.full(B, T, jnp.int32)
-        plan = jc._chunk_plan(cfg, cache, start[:, None] + pos, start, end, T)
-        return jc.mla_attention(cfg, params, layer, x, plan, jnp.float32)
+        rows = start[:, None] + pos  # (B, T) per-row positions
+        chunk = jc.chunk_layout(cfg, cache, rows, start, end, T)
+        rope_rows = rope_tables(cfg.qk_rope_head_dim, rows, cfg.rope_theta, cfg.rope_factor)
+        return module.apply({"params": params}, x, rope_rows, rows, layer, chunk)
 
     y, new = absorbed(params, x)
     assert rel_err(y, expanded) <= RTOL
@@ -179,8 +181,10 @@ def test_torch_absorbed_mla_equals_expanded():
         layer = {"c": torch.zeros(B, T, cfg.kv_lora_rank), "k_pe": torch.zeros(B, T, 8)}
         cache = {"swa_pos": torch.full((B, cfg.swa_window), -1)}
         start, end = torch.zeros(B, dtype=torch.long), torch.full((B,), T)
-        plan = tc._chunk_plan(cfg, cache, start[:, None] + pos, start, end, T)
-        absorbed = tc.mla_attention(cfg, attn, layer, x, plan)
+        rows = start[:, None] + pos  # (B, T) per-row positions
+        chunk = tc.chunk_layout(cfg, cache, rows, start, end, T)
+        rope = rope_tables(cfg.qk_rope_head_dim, rows, cfg.rope_theta, 1.0)
+        absorbed = attn(x, rope, rows, cache=layer, chunk=chunk)
     assert rel_err(absorbed.numpy(), expanded.numpy()) <= RTOL
 
 

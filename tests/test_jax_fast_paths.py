@@ -19,12 +19,20 @@ import pytest
 
 import swamla_jax as sj
 from swamla.config import load_preset
-from swamla_jax import fp8, kernels
+from swamla.plan import ComputePlan, resolve_plan
 from swamla_jax.attention import attention, visible_mask
+from swamla_jax.kernels import attention as cudnn
+from swamla_jax.kernels import fp8
 
 ROOT = Path(__file__).resolve().parent.parent
 on_gpu = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not on_gpu, reason="needs a CUDA GPU")
+
+
+def auto_plan(**choices):
+    """The plan the trainer resolves on this device for ``choices``, projections fused (its
+    default)."""
+    return resolve_plan("jax", on_gpu=on_gpu, fuse_projections=True, **choices)
 
 
 def rel(a, b):
@@ -36,8 +44,8 @@ def rel(a, b):
 @pytest.mark.parametrize("chunk,smoothing", [(16, 0.0), (24, 0.1)])
 def test_chunked_loss_matches_full(chunk, smoothing):
     cfg = load_preset("tiny", n_layer=3, label_smoothing=smoothing)
-    full = sj.SWAMLA(cfg)
-    chunked = sj.SWAMLA(cfg, loss_chunk=chunk)
+    full = sj.SWAMLA(cfg, auto_plan())
+    chunked = sj.SWAMLA(cfg, auto_plan(loss_chunk=chunk))
     params = sj.from_config(cfg, seed=0).params
     rng = np.random.default_rng(0)
     idx = rng.integers(0, cfg.vocab_size, (2, 70))
@@ -57,7 +65,7 @@ def test_chunked_loss_matches_full(chunk, smoothing):
 
 
 def test_one_pass_logsumexp_matches_logsumexp():
-    from swamla_jax.model import _chunk_lse
+    from swamla_jax.losses import _chunk_lse
     x = np.random.default_rng(0).normal(size=(3, 4, 999)).astype(np.float32) * 40
     x[0, 0] = -np.inf  # a row with nothing visible
     x[0, 1, :500] = -np.inf
@@ -70,7 +78,7 @@ def test_chunked_loss_makes_each_chunks_logits_once():
     """Under differentiation the head runs three vocab-sized GEMMs a chunk (the logits, and the
     two gradients from them in the same pass), not a fourth to recompute the logits; without
     differentiation only the logits GEMM runs."""
-    from swamla_jax.model import chunked_cross_entropy
+    from swamla_jax.losses import chunked_cross_entropy
     V, C = 97, 8
     x = jnp.ones((2, 40, C), jnp.bfloat16)
     emb = jnp.ones((V, C), jnp.bfloat16)
@@ -153,14 +161,14 @@ def test_swa_sink_merge_and_its_split_gradient(monkeypatch, window, sink, kv_hea
     """The window+sink merge and its backward (the window part's backward run with the merged
     statistics, the sink part's in JAX), with cuDNN's forward and backward stood in for by exact
     float32 window attention."""
-    monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
-    monkeypatch.setattr(kernels, "_cudnn_window_bwd", _exact_window_bwd)
+    monkeypatch.setattr(cudnn, "_cudnn_call", _exact_window)
+    monkeypatch.setattr(cudnn, "_cudnn_window_bwd", _exact_window_bwd)
     q, k, v, cot = _inputs(kv_heads)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * cot)
 
-    fast = lambda q, k, v: kernels.swa_sink_attention(  # noqa: E731
+    fast = lambda q, k, v: cudnn.swa_sink_attention(  # noqa: E731
         q, k, v, scale=0.3, window=window, sink=sink)
     ref = lambda q, k, v: attention(q, k, v, scale=0.3, window=window, sink=sink)  # noqa: E731
     with jax.default_matmul_precision("highest"):
@@ -176,10 +184,10 @@ def test_a_jax_without_the_cudnn_backward_rule_gets_a_clear_error(monkeypatch):
     class NoRule:
         pass
 
-    monkeypatch.setattr(kernels, "_cudnn", lambda: NoRule())
+    monkeypatch.setattr(cudnn, "_cudnn", lambda: NoRule())
     q = jnp.zeros((1, 16, 2, 8), jnp.bfloat16)
     with pytest.raises(RuntimeError, match="attention_impl='reference'"):
-        kernels._cudnn_window_bwd(q, q, q, q, jnp.zeros((1, 2, 16)), q, 0.3, 4)
+        cudnn._cudnn_window_bwd(q, q, q, q, jnp.zeros((1, 2, 16)), q, 0.3, 4)
 
 
 def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
@@ -187,9 +195,9 @@ def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
     a float32 (B, T, N, D) residual would be two bf16 copies per layer."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    monkeypatch.setattr(kernels, "_cudnn_call", _exact_window)
+    monkeypatch.setattr(cudnn, "_cudnn_call", _exact_window)
     q = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 4, 8)), jnp.bfloat16)
-    merged = lambda q: kernels.swa_sink_attention(  # noqa: E731
+    merged = lambda q: cudnn.swa_sink_attention(  # noqa: E731
         q, q, q, scale=0.3, window=8, sink=4).astype(jnp.float32).sum()
     saved = [aval for aval, _ in saved_residuals(merged, q)]
     assert saved and not [a for a in saved if a.dtype == jnp.float32 and a.size >= q.size], saved
@@ -197,17 +205,17 @@ def test_swa_sink_merge_keeps_no_float32_activations(monkeypatch):
 
 def test_swa_sink_part_reads_activations_in_their_own_layout(monkeypatch):
     """The sink part's GEMMs batch over sequences only and nothing of q's size is transposed:
-    per-head GEMMs (batched over B and heads) made XLA write transposed copies of q and dO, ~1 GB
-    a layer on base (BENCHMARKS.md, run 17). cuDNN's calls are stood in for by pass-throughs, so
-    only the sink part and the merge are in the program."""
+    per-head GEMMs (batched over B and heads) make XLA write transposed copies of q and dO, ~1 GB
+    a layer on base. cuDNN's calls are stood in for by pass-throughs, so only the sink part and
+    the merge are in the program."""
     B, T, N, K, D = 2, 64, 4, 2, 8
-    monkeypatch.setattr(kernels, "_cudnn_call", lambda q, k, v, scale, window, lse: (
+    monkeypatch.setattr(cudnn, "_cudnn_call", lambda q, k, v, scale, window, lse: (
         q, jnp.zeros((B, N, T), jnp.float32)))
-    monkeypatch.setattr(kernels, "_cudnn_window_bwd", lambda q, k, v, *rest: (q, k, v))
+    monkeypatch.setattr(cudnn, "_cudnn_window_bwd", lambda q, k, v, *rest: (q, k, v))
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((B, T, N, D)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((B, T, K, D)), jnp.bfloat16)
-    step = jax.make_jaxpr(jax.grad(lambda q, k: kernels.swa_sink_attention(
+    step = jax.make_jaxpr(jax.grad(lambda q, k: cudnn.swa_sink_attention(
         q, k, k, scale=0.3, window=8, sink=4).astype(jnp.float32).sum(), argnums=(0, 1)))(q, k)
 
     def eqns(jaxpr):
@@ -235,7 +243,7 @@ def test_swiglu_gradient_is_the_same_with_its_halves_rounded_first():
     rng = np.random.default_rng(5)
     gu = jnp.asarray(3 * rng.standard_normal((2, 7, 2, 16)), jnp.bfloat16)
     dh = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.bfloat16)
-    grads = [jax.vjp(lambda g: layers._swiglu(g, r), gu)[1](dh)[0] for r in (False, True)]
+    grads = [jax.vjp(lambda g, r=r: layers._swiglu(g, r), gu)[1](dh)[0] for r in (False, True)]
     assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(grads[0], np.float32),
                                   np.asarray(grads[1], np.float32))
@@ -246,8 +254,8 @@ def test_swiglu_gradient_is_the_same_with_its_halves_rounded_first():
 
 def test_swiglu_backward_has_no_one_half_intermediate():
     """Without FP8 the backward computes at the fused (..., 2, F) shape only: a sigmoid on one
-    (..., 1, F) half, broadcast into the select, is what XLA wrote out as a float32 half between
-    two passes on an H200 (BENCHMARKS.md, run 16)."""
+    (..., 1, F) half, broadcast into the select, is what XLA writes out as a float32 half between
+    two passes on an H200."""
     from swamla_jax import layers
 
     gu = jnp.zeros((2, 7, 2, 16), jnp.bfloat16)
@@ -262,13 +270,14 @@ def test_swiglu_backward_has_no_one_half_intermediate():
 def test_swiglu_kernel_is_xlas_backward(shape):
     """The Pallas backward gives XLA's bits in Pallas' interpreter (CPU), and XLA's values to a
     bf16 rounding on GPU: one formula, rounded once. 384 = 3 x 128 takes 128-wide tiles."""
-    from swamla_jax import layers, mlp_kernels
+    from swamla_jax import layers
+    from swamla_jax.kernels import swiglu as swiglu_kernel
 
     rng = np.random.default_rng(6)
     gu = jnp.asarray(3 * rng.standard_normal(shape), jnp.bfloat16)
     d = jnp.asarray(rng.standard_normal(shape[:2] + shape[3:]), jnp.bfloat16)
-    assert mlp_kernels.supported(shape)
-    got = mlp_kernels.swiglu_grad(gu, d)
+    assert swiglu_kernel.supported(shape)
+    got = swiglu_kernel.swiglu_grad(gu, d)
     assert got.dtype == jnp.bfloat16 and got.shape == gu.shape
     got, want = (np.asarray(a, np.float32) for a in (got, layers._swiglu_select_grad(gu, d, False)))
     if on_gpu:  # Triton's sigmoid and exp are not XLA's: at most one bf16 rounding step apart
@@ -278,13 +287,12 @@ def test_swiglu_kernel_is_xlas_backward(shape):
 
 
 def test_swiglu_kernel_declines_shapes_it_cannot_tile():
-    from swamla_jax import mlp_kernels
+    from swamla_jax.kernels import swiglu as swiglu_kernel
 
-    assert not mlp_kernels.supported((1, 7, 2, 256))  # 7 rows: not a whole tile
-    assert not mlp_kernels.supported((2, 8, 2, 100))  # no power-of-two tile of >= 128 divides
+    assert not swiglu_kernel.supported((1, 7, 2, 256))  # 7 rows: not a whole tile
+    assert not swiglu_kernel.supported((2, 8, 2, 100))  # no power-of-two tile of >= 128 divides
     with pytest.raises(ValueError, match="mlp_impl must be one of"):
-        sj.SWAMLA(load_preset("tiny"), mlp_impl="triton").init(jax.random.key(0),
-                                                              jnp.zeros((1, 8), jnp.int32))
+        auto_plan(mlp_impl="triton")
 
 
 def test_model_gradients_are_the_same_with_the_swiglu_kernel():
@@ -293,7 +301,7 @@ def test_model_gradients_are_the_same_with_the_swiglu_kernel():
     idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
 
     def grads(impl):
-        module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, mlp_impl=impl)
+        module = sj.SWAMLA(cfg, auto_plan(compute_dtype="bfloat16", mlp_impl=impl))
         return jax.grad(lambda p: module.apply({"params": p}, idx, idx)[1])(params)
 
     for a, b in zip(jax.tree_util.tree_leaves(grads("pallas")),
@@ -312,9 +320,9 @@ def test_swiglu_kernel_runs_per_shard_in_a_sharded_step():
         import sys
         sys.path.insert(0, "benchmarks")
         from bench_train import jax_setup
-        from swamla_jax import mlp_kernels
-        calls, local = [], mlp_kernels._local_grad
-        mlp_kernels._local_grad = lambda gu, d: calls.append(gu.shape) or local(gu, d)
+        from swamla_jax.kernels import swiglu as swiglu_kernel
+        calls, local = [], swiglu_kernel._local_grad
+        swiglu_kernel._local_grad = lambda gu, d: calls.append(gu.shape) or local(gu, d)
         out = []
         for impl in ("pallas", "xla"):
             with jax_setup("tiny", 128, 4, "bf16", "none",
@@ -349,14 +357,15 @@ def all_eqns(jaxpr):
 
 def test_fused_projection_cotangent_is_written_once():
     """bf16 fused projections: the dx and dW GEMMs read one materialized cotangent (the
-    barrier's output), not each its own fusion of the parts' gradients (BENCHMARKS.md, run 18)."""
-    from swamla_jax import layers
+    barrier's output), not each its own fusion of the parts' gradients."""
+    from swamla_jax.kernels import projections
 
     x = jnp.ones((2, 8, 16), jnp.bfloat16)
     params = [(jnp.ones((16, n), jnp.float32), None) for n in (16, 8, 8)]
 
     def f(x, ws):
-        return layers.fused_projections(x, [(w, None) for w in ws], jnp.bfloat16)
+        return projections.fused_projections(x, [(w, None) for w in ws],
+                                             ComputePlan(compute_dtype="bfloat16"))
 
     _, vjp = jax.vjp(f, x, [w for w, _ in params])
     bwd = jax.make_jaxpr(vjp)([jnp.ones((2, 8, n), jnp.bfloat16) for n in (16, 8, 8)])
@@ -410,11 +419,12 @@ def test_fp8_rejects_other_contractions():
 
 def test_fp8_model_trains_on_cpu_emulation():
     cfg = load_preset("tiny", n_layer=3)
-    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
+    module = sj.SWAMLA(cfg, auto_plan(compute_dtype="bfloat16", fp8=True))
     params = sj.from_config(cfg).params
     idx = np.random.default_rng(3).integers(0, 1000, (2, 40))
     loss, grads = jax.value_and_grad(lambda p: module.apply({"params": p}, idx, idx)[1])(params)
-    ref = sj.SWAMLA(cfg, dtype=jnp.bfloat16).apply({"params": params}, idx, idx)[1]
+    ref = sj.SWAMLA(cfg, auto_plan(compute_dtype="bfloat16")).apply({"params": params}, idx,
+                                                                     idx)[1]
     assert np.isfinite(float(loss)) and abs(float(loss) - float(ref)) < 0.02 * float(ref)
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
 
@@ -465,8 +475,9 @@ def test_bf16_model_logits_match_float32():
     cfg = load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
     params = sj.from_config(cfg, seed=0).params
     idx = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 1024))
-    lp32 = jax.nn.log_softmax(sj.SWAMLA(cfg).apply({"params": params}, idx)[0])
-    lp16 = jax.nn.log_softmax(sj.SWAMLA(cfg, dtype=jnp.bfloat16).apply({"params": params}, idx)[0])
+    lp32 = jax.nn.log_softmax(sj.SWAMLA(cfg, auto_plan()).apply({"params": params}, idx)[0])
+    lp16 = jax.nn.log_softmax(sj.SWAMLA(cfg, auto_plan(compute_dtype="bfloat16")).apply(
+        {"params": params}, idx)[0])
     kl = jnp.sum(jnp.exp(lp32) * (lp32 - lp16), axis=-1).mean()
     assert float(kl) <= 1e-3
 
@@ -476,7 +487,7 @@ def test_bf16_model_logits_match_float32():
 def test_fp8_gemms_are_in_the_compiled_hlo():
     """The XLA FP8 rewrite fails silently when the pattern breaks: assert the cuBLASLt FP8 GEMM."""
     cfg = load_preset("tiny", n_embd=256, n_head=4, block_size=256)
-    module = sj.SWAMLA(cfg, dtype=jnp.bfloat16, dot_general=fp8.fp8_dot_general)
+    module = sj.SWAMLA(cfg, auto_plan(compute_dtype="bfloat16", fp8=True))
     params = sj.from_config(cfg).params
     idx = jnp.zeros((4, 256), jnp.int32)
     step = jax.jit(jax.grad(lambda p: module.apply({"params": p}, idx, idx)[1]))

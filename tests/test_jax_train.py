@@ -441,7 +441,7 @@ def test_remat_and_unrolling_do_not_change_the_step(shards, variant):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
 def test_bf16_moments_train_and_halve_state(shards, tmp_path, optimizer):
-    """The seed's "FP8" optimizers: bfloat16 moments (stochastically rounded), float32 params."""
+    """The original project's "FP8" optimizers: bfloat16 moments (stochastically rounded), float32 params."""
     import jax
     import jax.numpy as jnp
 

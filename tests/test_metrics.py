@@ -7,15 +7,19 @@ import os
 import signal
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from swamla.config import ConfigError, count_params, load_preset
+from swamla.config import ConfigError, load_preset
+from swamla.layout import count_params
 from swamla.flops import (attention_flops_per_token, flops_per_token, mfu, mfu_with_attention,
                           peak_flops)
-from swamla.metrics import (MetricsLogger, ProgressBar, check_logging_packages, format_metrics,
-                            plot_metrics, read_metrics, truncate_metrics)
+from swamla.metrics import (EVAL_KEYS, RESULT_KEYS, TRAIN_KEYS, MetricsLogger, ProgressBar,
+                            check_logging_packages, eval_metrics, format_metrics, perplexity,
+                            plot_metrics, read_metrics, run_result, train_metrics,
+                            truncate_metrics)
 from swamla.signals import StopSignal
 from swamla.train_config import TrainConfig
 
@@ -86,13 +90,30 @@ def test_reserved_keys(tmp_path):
         log.log(1, {"step": 3})
 
 
+def test_record_helpers_give_the_contract_keys():
+    """Both trainers build their records here: the same keys, memory in GiB, one perplexity."""
+    record = train_metrics(loss=None, lr=1e-4, grad_norm=0.5, tokens_per_s=None, mfu=None,
+                           peak_memory_bytes=3 * 2**30, skipped_steps=2)
+    assert tuple(record) == TRAIN_KEYS and record["mem_gib"] == 3.0
+    assert train_metrics(loss=1.0, lr=0.0, grad_norm=0.0, tokens_per_s=1.0, mfu=None,
+                         peak_memory_bytes=None, skipped_steps=0)["mem_gib"] is None
+    assert tuple(eval_metrics(2.0)) == EVAL_KEYS
+    assert eval_metrics(2.0)["eval_perplexity"] == pytest.approx(math.exp(2.0))
+    assert perplexity(1e4) == math.inf and math.isnan(perplexity(float("nan")))
+    result = run_result(step=3, skipped_steps=1, train=record, evaluation={},
+                        stopped_early=False, plot=Path("x.png"))
+    assert tuple(result) == RESULT_KEYS
+    assert result["skipped_steps"] == 1 and result["eval_loss"] is None
+    assert result["plot"] == "x.png" and result["export"] is None
+
+
 # ------------------------------------------------------------------------------ console
 def test_console_line(tmp_path, capsys):
     metrics = {"loss": 3.21412, "lr": 1e-4, "grad_norm": 0.8312, "tokens_per_s": 96500.0,
-               "mfu": 0.154, "mem_gb": 41.23, "skipped_steps": 0, "custom": 2.5}
+               "mfu": 0.154, "mem_gib": 41.23, "skipped_steps": 0, "custom": 2.5}
     line = format_metrics(100, metrics, max_iters=1000)
     assert line == ("step 100/1000 | loss 3.2141 | lr 1.00e-04 | grad_norm 0.831 | 96.5K tok/s | "
-                    "mfu 15.4% | mem 41.2 GB | skipped 0 | custom 2.5")
+                    "mfu 15.4% | mem 41.2 GiB | skipped 0 | custom 2.5")
     with MetricsLogger(tmp_path, max_iters=1000) as log:
         log.log(100, metrics)
     assert capsys.readouterr().out.strip() == line

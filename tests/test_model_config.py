@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from swamla.config import (PRESETS, BlockKind, ConfigError, ModelConfig, count_params, load_preset,
-                           resolve_config)
+from swamla.config import PRESETS, BlockKind, ConfigError, ModelConfig, load_preset, resolve_config
+from swamla.layout import count_params
 
-# True counts of SPEC's shapes, tied embedding counted once (the seed's ~150M/~400M/... are wrong).
+# True counts of SPEC's shapes, tied embedding counted once (the original project's ~150M/~400M/... are wrong).
 TRUE_COUNTS = {"small": 262_564_864, "base": 983_053_824, "large": 1_940_904_448,
                "xl": 8_578_671_616}
 

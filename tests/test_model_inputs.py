@@ -8,6 +8,7 @@ import torch
 import swamla_jax as sj
 import swamla_torch as st
 from swamla.config import load_preset
+from swamla.plan import ComputePlan
 
 V = 256
 MESSAGE = r"targets must lie in \[0, 256\) \(vocab_size\) or be -100"
@@ -28,8 +29,10 @@ def _batch(bad=None):
 
 
 @pytest.fixture(scope="module")
-def torch_model(cfg):
-    return st.from_config(cfg, seed=0)
+def torch_models(cfg):
+    """The model by loss chunk (0: whole rows)."""
+    return {chunk: st.from_config(cfg, seed=0, plan=ComputePlan(loss_chunk=chunk))
+            for chunk in (0, 4)}
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +42,16 @@ def jax_model(cfg):
 
 @pytest.mark.parametrize("loss_chunk", [0, 4])
 @pytest.mark.parametrize("bad", [V, V + 1000, -1, -5])
-def test_torch_targets_outside_vocab(torch_model, bad, loss_chunk):
+def test_torch_targets_outside_vocab(torch_models, bad, loss_chunk):
     idx, targets = _batch(bad)
-    torch_model.loss_chunk = loss_chunk
+    torch_model = torch_models[loss_chunk]
     with pytest.raises(ValueError, match=MESSAGE + f".*got min {min(bad, 3)} max {max(bad, 3)}"):
         torch_model(torch.from_numpy(idx).long(), torch.from_numpy(targets).long())
 
 
 @pytest.mark.parametrize("loss_chunk", [0, 4])
-def test_torch_good_targets_pass_and_the_trainer_switch_skips_the_check(torch_model, loss_chunk):
-    torch_model.loss_chunk = loss_chunk
+def test_torch_good_targets_pass_and_the_trainer_switch_skips_the_check(torch_models, loss_chunk):
+    torch_model = torch_models[loss_chunk]
     idx, targets = (torch.from_numpy(a).long() for a in _batch())
     _, loss = torch_model(idx, targets)
     assert torch.isfinite(loss)
@@ -64,7 +67,7 @@ def test_torch_good_targets_pass_and_the_trainer_switch_skips_the_check(torch_mo
 @pytest.mark.parametrize("bad", [V, V + 1000, -1, -5])
 def test_jax_targets_outside_vocab(cfg, jax_model, bad, loss_chunk):
     idx, targets = _batch(bad)
-    module = sj.SWAMLA(cfg, loss_chunk=loss_chunk)
+    module = sj.SWAMLA(cfg, ComputePlan(loss_chunk=loss_chunk))
     with pytest.raises(ValueError, match=MESSAGE + f".*got min {min(bad, 3)} max {max(bad, 3)}"):
         module.apply({"params": jax_model.params}, idx, targets)
     with pytest.raises(ValueError, match=MESSAGE):  # the public call, which jits the module

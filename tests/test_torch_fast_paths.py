@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import swamla_torch as st
 from swamla.config import load_preset
+from swamla.plan import resolve_plan
 from swamla_torch.attention import attention
 
 
@@ -76,13 +77,15 @@ def test_bf16_model_logits_match_float32():
     """Mean per-token KL(p_fp32 || p_bf16) <= 1e-3, the fast kernels against the reference."""
     cfg = load_preset("tiny", n_embd=256, n_head=4, n_layer=6, block_size=1024, swa_window=256)
     model = st.from_config(cfg, seed=0).cuda().eval()
+    # as the trainer runs it: float32 parameters, bfloat16 autocast, the fast kernels
+    plan = resolve_plan("torch", on_gpu=True, compute_dtype="bfloat16")
+    assert plan.attention_impl == "flex"
+    fast = st.from_config(cfg, seed=0, plan=plan).cuda().eval()
     idx = torch.from_numpy(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 1024))).cuda()
     with torch.no_grad():
         lp32 = torch.log_softmax(model(idx)[0].float(), -1)
-        # as the trainer runs it: float32 parameters, bfloat16 autocast, the fast kernels
-        assert model.set_attention_impl("auto", "cuda", torch.bfloat16) == "flex"
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            lp16 = torch.log_softmax(model(idx)[0].float(), -1)
+            lp16 = torch.log_softmax(fast(idx)[0].float(), -1)
     kl = (lp32.exp() * (lp32 - lp16)).sum(-1).mean()
     assert float(kl) <= 1e-3
 
@@ -92,7 +95,7 @@ def test_fp8_linear_runs_the_fp8_gemm_and_matches():
     """On the GPU the FP8 linear's three matmuls are ``_scaled_mm`` calls on float8 operands."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from swamla_torch.fp8 import Fp8Linear
+    from swamla_torch.kernels.fp8 import Fp8Linear
 
     class ScaledMMs(TorchDispatchMode):
         def __init__(self):
@@ -143,12 +146,13 @@ def test_compiled_model_with_flex_matches_reference(window):
     cfg = load_preset("tiny", n_layer=3, block_size=128, swa_window=window)
     model = st.from_config(cfg, seed=0).eval()
     wider = st.from_config(cfg.replace(swa_window=window + 1), seed=0).eval()
+    plan = resolve_plan("torch", on_gpu=False, compute_dtype="bfloat16", attention_impl="flex")
+    flex = st.from_config(cfg, seed=0, plan=plan).eval()
     idx = torch.from_numpy(np.random.default_rng(window).integers(0, cfg.vocab_size, (2, 128)))
     with torch.no_grad():
         ref, off_by_one = model(idx)[0], wider(idx)[0]
-        assert model.set_attention_impl("flex", "cpu", torch.bfloat16) == "flex"
         torch._dynamo.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast = torch.compile(model)(idx)[0]
+            fast = torch.compile(flex)(idx)[0]
     assert rel(fast, ref) < 1.5e-2  # bf16: ~0.005
     assert rel(off_by_one, ref) > 3e-2  # ~0.04: the check above tells a window off by one

@@ -7,7 +7,8 @@ torch = pytest.importorskip("torch")
 
 import swamla_torch as st  # noqa: E402
 from swamla.config import load_preset  # noqa: E402
-from swamla_torch.fp8 import Fp8Linear, use_fp8_linears  # noqa: E402
+from swamla.plan import ComputePlan  # noqa: E402
+from swamla_torch.kernels.fp8 import Fp8Linear  # noqa: E402
 
 
 def rel(a, b):
@@ -36,8 +37,8 @@ def test_fp8_linear_matches_linear_within_fp8_error():
 def test_model_with_fp8_linears_trains_close_to_bf16():
     cfg = load_preset("tiny", n_layer=3)
     ref = st.from_config(cfg, seed=0)
-    model = st.from_config(cfg, seed=0)
-    n = use_fp8_linears(model)
+    model = st.from_config(cfg, seed=0, plan=ComputePlan(compute_dtype="bfloat16", fp8=True))
+    n = sum(isinstance(m, Fp8Linear) for m in model.modules())
     assert n >= 10 and set(model.state_dict()) == set(ref.state_dict())  # names unchanged
     idx = torch.from_numpy(np.random.default_rng(0).integers(0, 1000, (2, 40)))
     with torch.autocast("cpu", dtype=torch.bfloat16):

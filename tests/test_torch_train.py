@@ -379,22 +379,32 @@ def _nan_after(monkeypatch, bad_calls):
 
 
 def test_non_finite_steps_are_skipped(shards, tmp_path, monkeypatch):
+    """Skipped steps count in ``step`` (the run still stops at max_iters) and in skipped_steps;
+    the schedule runs on the updates applied."""
     _nan_after(monkeypatch, {2, 3})  # the 2nd and 3rd training batches
     result = train(make_cfg(shards, tmp_path / "run", eval_interval=100))
     assert result["step"] == 6 and result["skipped_steps"] == 2
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    skipped = [r for r in records if r.get("loss", 0) is None]
-    assert [(r["step"], r["skipped_steps"]) for r in skipped] == [(1, 1), (1, 2)]
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["skipped_steps"]) for r in records if r["loss"] is None] == [(2, 1),
+                                                                                     (3, 2)]
+    cfg = make_cfg(shards, tmp_path / "unused")
+    assert [r["lr"] for r in records] == pytest.approx(
+        [lr_at(u, cfg) for u in (0, 0, 0, 1, 2, 3)])  # the rate of the last applied update
     assert all(np.isfinite(v).all() for v in exported(tmp_path / "run").values())
+    meta = ts.load_train_state(tmp_path / "run" / "checkpoints" / "step_00000006")[3]
+    assert (meta["step"], meta["bad_steps"]) == (6, 2)
 
 
 def test_too_many_bad_steps_stop_with_error(shards, tmp_path, monkeypatch):
     _nan_after(monkeypatch, set(range(5, 100)))
-    cfg = make_cfg(shards, tmp_path / "run", max_bad_steps=3, save_interval=2, eval_interval=100)
-    with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps .* at step 4; last "
-                       r"good checkpoint: .*step_00000004"):
+    cfg = make_cfg(shards, tmp_path / "run", max_bad_steps=3, save_interval=2, eval_interval=100,
+                   max_iters=10)
+    with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps .* at step 7; last "
+                       r"good checkpoint: .*step_00000006"):
         train(cfg)
-    assert ts.load_train_state(tmp_path / "run" / "checkpoints" / "step_00000004")[3]["step"] == 4
+    meta = ts.load_train_state(tmp_path / "run" / "checkpoints" / "step_00000006")[3]
+    assert (meta["step"], meta["bad_steps"]) == (6, 2)
 
 
 def test_token_ids_checked_on_host(shards, tmp_path):
@@ -455,14 +465,19 @@ def test_compiled_model_has_no_graph_breaks(variant):
     data splits it (the model's own token-id check steps aside while compiling)."""
     from swamla.config import load_preset
 
+    from swamla.plan import resolve_plan
+
     cfg = load_preset("tiny", dropout=0.1 if variant == "dropout" else 0.0)
-    model = swamla_torch.model.SWAMLA(cfg).train()
-    model.loss_chunk = 16 if variant == "chunked_loss" else 0
-    model.gradient_checkpointing = variant == "checkpointing"
+    plan = resolve_plan("torch", on_gpu=False, dropout=cfg.dropout,
+                        compute_dtype="bfloat16" if variant == "flex" else "float32",
+                        attention_impl="flex" if variant == "flex" else "auto",
+                        loss_chunk=16 if variant == "chunked_loss" else 0,
+                        remat_policy="full" if variant == "checkpointing" else "none")
+    assert plan.attention_impl == ("flex" if variant == "flex" else "reference")
+    model = swamla_torch.model.SWAMLA(cfg, plan).train()
     idx = torch.randint(0, cfg.vocab_size, (2, 64))
     grad = torch.enable_grad()
     if variant == "flex":  # FlexAttention's backward needs a GPU; its forward traces anywhere
-        assert model.set_attention_impl("flex", "cpu", torch.bfloat16) == "flex"
         model, grad = model.to(torch.bfloat16).eval(), torch.no_grad()
     torch._dynamo.reset()
     with grad:
@@ -478,6 +493,7 @@ def test_chunked_loss_makes_each_chunks_logits_once():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from swamla.config import load_preset
+    from swamla.plan import ComputePlan
 
     cfg = load_preset("tiny", n_layer=2)
     V = cfg.vocab_size
@@ -492,8 +508,7 @@ def test_chunked_loss_makes_each_chunks_logits_once():
                 self.count += any(V in a.shape for a in args if isinstance(a, torch.Tensor))
             return func(*args, **(kwargs or {}))
 
-    model = swamla_torch.model.SWAMLA(cfg)
-    model.loss_chunk = 16
+    model = swamla_torch.model.SWAMLA(cfg, ComputePlan(loss_chunk=16))
     idx = torch.randint(0, V, (2, 64))  # 4 chunks
     with VocabMatmuls() as fwd:
         loss = model(idx, idx)[1]

@@ -1,4 +1,4 @@
-"""TrainConfig and its command line: seed flags, generated flags, precedence, errors, round
+"""TrainConfig and its command line: the original project's flags, generated flags, precedence, errors, round
 trips."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import pytest
 
 from swamla import train_config as tc
 from swamla.config import ConfigError, ModelConfig, load_preset
-from swamla.train_config import SEED_ALIASES, TrainConfig, parse_args
+from swamla.train_config import ORIGINAL_FLAG_ALIASES, TrainConfig, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def test_defaults_are_the_seeds():
     assert cfg.mesh_shape(8) == (1, 8, 1)  # all devices on fsdp by default
 
 
-# ------------------------------------------------------------------------------ seed flags
+# ------------------------------------------------------------------ the original project's flags
 SEED_FLAGS = [  # (flags, where the value lands, expected)
     (["--size", "base"], lambda c: c.model, load_preset("base")),
     (["--size", "medium"], lambda c: c.model, load_preset("base")),
@@ -97,7 +97,7 @@ def test_seed_flag_lands_in_its_field(argv, get, expected):
 
 def test_every_seed_alias_is_tested():
     tested = {argv[0][2:] for argv, _, _ in SEED_FLAGS}
-    assert set(SEED_ALIASES) <= tested
+    assert set(ORIGINAL_FLAG_ALIASES) <= tested
 
 
 def test_seed_command_line():
@@ -341,3 +341,41 @@ def test_a_resume_may_change_only_training_time_model_fields():
     with pytest.raises(ConfigError, match=r"ckpt was trained with another model: swa_window=32 "
                        r"there, 8 in this run, rope_theta=10000.0 there, 500.0 in this run"):
         tc.check_resumed_model(saved, saved.replace(swa_window=8, rope_theta=500.0), "ckpt")
+
+
+def test_both_trainers_resume_through_one_check():
+    """check_resumed_state is what either trainer checks before loading a saved state."""
+    cfg = TrainConfig(model=load_preset("tiny"), max_iters=10)
+    tc.check_resumed_state(cfg, "ckpt", model=cfg.model, optimizer_type="adamw", step=10)
+    with pytest.raises(ConfigError, match=r"ckpt holds lion moments but optimizer_type is "
+                       r"'adamw'; resume with --optimizer_type lion"):
+        tc.check_resumed_state(cfg, "ckpt", model=cfg.model, optimizer_type="lion", step=3)
+    with pytest.raises(ConfigError, match="ckpt is at step 11, past max_iters 10"):
+        tc.check_resumed_state(cfg, "ckpt", model=cfg.model, optimizer_type="adamw", step=11)
+    with pytest.raises(ConfigError, match="ckpt was trained with another model: swa_window=8"):
+        tc.check_resumed_state(cfg, "ckpt", model=cfg.model.replace(swa_window=8),
+                               optimizer_type="adamw", step=3)
+    with pytest.raises(ValueError, match=r"ckpt \(resumed with this run's model config\) does "
+                       "not match its config.json: missing tensors"):
+        tc.check_resumed_state(cfg, "ckpt", model=cfg.model, optimizer_type="adamw", step=3,
+                               params={})
+
+
+def test_the_shared_command_line(capsys, monkeypatch):
+    """Both launchers run swamla.train_cli.main: --help and bad flags answer before any backend
+    is imported; input errors exit 2 with 'error: ...'."""
+    import sys
+
+    from swamla import train_cli
+
+    monkeypatch.delitem(sys.modules, "swamla_jax.train", raising=False)
+    monkeypatch.delitem(sys.modules, "swamla_torch.train", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--help"], backend="jax")
+    assert exit_.value.code == 0 and "--max_iters" in capsys.readouterr().out
+    for backend in train_cli.BACKENDS:
+        assert train_cli.main(["--bogus_flag", "1"], backend=backend) == 2
+        assert "error: unknown argument(s) ['--bogus_flag'" in capsys.readouterr().err
+    assert "swamla_jax.train" not in sys.modules and "swamla_torch.train" not in sys.modules
+    with pytest.raises(ValueError, match="backend must be one of"):
+        train_cli.main([], backend="tf")

@@ -7,7 +7,8 @@ import pytest
 
 from swamla import train_state as ts
 from swamla.config import load_preset
-from swamla.portable import CheckpointError, expected_shapes
+from swamla.layout import expected_shapes
+from swamla.portable import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,8 @@ def test_round_trip(tmp_path, cfg, optimizer_type):
     (lambda p, m, meta: meta.update(step=-1), "step must be an integer >= 0, got -1"),
     (lambda p, m, meta: meta.update(framework="tf"), "framework must be one of"),
     (lambda p, m, meta: meta.pop("bad_steps"), r"trainer state lacks \['bad_steps'\]"),
+    (lambda p, m, meta: meta.update(bad_steps=8), r"bad_steps \(8\) counts skipped steps among "
+     r"the step \(7\) done, so cannot exceed it"),
     (lambda p, m, meta: meta.update(extra=1), r"unknown trainer state keys \['extra'\]"),
     (lambda p, m, meta: p.pop("transformer.ln_f.weight"), "missing tensors transformer.ln_f"),
 ])

@@ -7,7 +7,7 @@
         batch = next(loader)          # Batch: int32 inputs, targets, segment_ids of shape (8, 1024)
         state = loader.state_dict()   # save in the checkpoint; load_state_dict(state) resumes
 
-Pre-tokenize with ``python -m swamla.data.prepare`` (see README_SECTION.md).
+Pre-tokenize with ``python -m swamla.data.prepare`` (see docs/data.md).
 """
 
 from swamla.data.config import DataConfig, DataError

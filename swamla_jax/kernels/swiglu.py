@@ -1,20 +1,20 @@
-"""SwiGLU's backward pass as one Pallas (Triton) kernel on GPU (SPEC.md section 4).
+"""SwiGLU's backward pass as one Pallas (Triton) kernel on GPU (``plan.mlp_impl == "pallas"``;
+SPEC.md section 4).
 
-Shapes: M rows (batch x time), F hidden width; the fused projection is (M, 2, F) = (up, gate).
+Shapes: B batch, T time, M rows (B x T flattened), F MLP hidden width; the fused projection is
+(M, 2, F) = (up, gate).
 
 The backward reads the fused projection and the output's gradient and writes the gradient of
-the fused projection: 10 bytes per hidden element in bf16, a pure streaming pass. XLA ran the
-same pass at ~2.3 TB/s inside base's step on an H200 (and split it in two there when written
-half by half; BENCHMARKS.md, runs 16 and 17), against ~3.3 TB/s for a pass that writes as much as
-it reads. Here each program takes a (rows, 2, columns) tile, reads both halves once and writes
-both gradients, so nothing but the tile lives between the reads and the writes.
+the fused projection: 10 bytes per hidden element in bf16, a pure streaming pass. Each program
+takes a (rows, 2, columns) tile, reads both halves once and writes both gradients, so nothing but
+the tile lives between the reads and the writes: ~3.1 TB/s inside base's step on an H200, where
+XLA's form of the same pass runs at ~2.3 TB/s (7.9 ms a step against 10.4).
 
 ``swiglu_grad`` runs the kernel on each device's shard (``jax.shard_map`` over the mesh in
 context, with the activations' logical axes), since XLA cannot partition a custom kernel itself;
 the trainer sets that mesh (``jax.set_mesh``). Off GPU it runs in Pallas' interpreter, which the
-CPU tests use. Measured: ~3.07 TB/s in base's step on an H200, 7.9 ms a step against XLA's 10.4
-(BENCHMARKS.md, run 18). It uses Pallas' Triton backend, which JAX 0.11 marks deprecated in
-favour of Mosaic GPU; ``--mlp_impl xla`` is the fallback.
+CPU tests use. It uses Pallas' Triton backend, which JAX 0.11 marks deprecated in favour of
+Mosaic GPU; ``--mlp_impl xla`` is the fallback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from swamla_jax import sharding
-from swamla_jax.layers import swiglu_grads
 
 f32 = jnp.float32
 
@@ -37,6 +36,13 @@ f32 = jnp.float32
 _GU_AXES = ("act_batch", "act_seq", None, "mlp")
 _ROWS = 8  # rows of a tile: with 1024 columns, 32 KiB of the fused input per program
 _COLUMNS = (1024, 512, 256, 128)  # Triton tiles are powers of two: the widest that divides F
+
+
+def swiglu_grads(up, gate, d):
+    """(d up, d gate) of ``silu(gate) * up`` in float32; silu'(g) = s (1 + g (1 - s)) with
+    s = sigmoid(g). The one formula of both backward forms, this kernel's and XLA's."""
+    sig = jax.nn.sigmoid(gate)
+    return d * gate * sig, d * up * sig * (1.0 + gate * (1.0 - sig))
 
 
 def _kernel(gu_ref, d_ref, out_ref):

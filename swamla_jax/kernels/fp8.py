@@ -1,4 +1,4 @@
-"""FP8 matmuls for ``--use_fp8``: XLA ``dot_general`` directly on float8 operands.
+"""FP8 matmuls (``plan.fp8``, the trainer's ``--use_fp8``): XLA ``dot_general`` on float8 operands.
 
 Recipe: *current* per-tensor scaling. Each operand is scaled by ``amax / fp8_max`` computed from
 the tensor itself and rounded to float8 (e4m3 for activations and weights in the forward pass,
@@ -6,21 +6,17 @@ e5m2, with its wider range, for the gradients in the backward pass); the ``dot_g
 float8 arrays and produces bfloat16, and the product of the two scales is applied to its output.
 XLA lowers a float8 ``dot_general`` to a cuBLASLt FP8 GEMM (``__cublas$lt$matmul$f8`` in the
 compiled HLO; a GPU test and the benchmark assert it, so a silent bf16 fallback fails). The
-quantize-dequantize-dot pattern that XLA's GEMM rewriter is documented to fuse was measured here
-(JAX 0.11.2, H100) to stay a bf16 GEMM, hence the explicit float8 operands.
-We chose current over delayed scaling (amax history, as in ``flax.linen.fp8_ops``):
-no extra state in checkpoints or in the parameter tree, no stale scale after a resume or a loss
-spike, and the amax reduction fuses into the op that produces the tensor. Delayed scaling was
-built and measured (commit ffe2abe: per-GEMM histories, calibration, checkpointed), hoping XLA
-would fold each cast into the op producing its tensor: on base at sequence 2048 (H100) it ran
-80.5K tokens/s against current scaling's 82.3K, so it was taken out again (BENCHMARKS.md, run 8).
-Its profile (run 11) shows why: it moved 21 GB a step less than its parent, but XLA merged
-the amax reductions of the attention projections' gradients, eight layers at a time, into three
-kernels that ran at ~0.2 TB/s (13.6 ms a step). With each amax pinned to its cast by an
-optimization barrier (run 12) it ran 84.2K against current scaling's 82.5K in one run: 2%, for
-state in every checkpoint and a calibration pass, and still short of 1.2x over bf16, so current
-scaling stays. The forward saves the float8 operands for the backward pass, so the activations
-kept for it are half the bf16 size.
+quantize-dequantize-dot pattern that XLA's GEMM rewriter is documented to fuse stays a bf16 GEMM
+(JAX 0.11.2, H100), hence the explicit float8 operands.
+
+Current rather than delayed scaling (an amax history, as in ``flax.linen.fp8_ops``): no extra
+state in checkpoints or in the parameter tree, no stale scale after a resume or a loss spike, and
+the amax reduction fuses into the op that produces the tensor. Delayed scaling is at most ~2%
+faster on base (H100), for that state and a calibration pass. The forward saves the float8
+operands for the backward pass, so the activations kept for it are half the bf16 size.
+
+Shapes: I input features, O output features (one or more axes): x (..., I), weight w (I, O...),
+output (..., O...).
 """
 
 from __future__ import annotations
@@ -54,7 +50,7 @@ def _scaled_dot(qa, sa, qb, sb, dims, dtype):
 
 @jax.custom_vjp
 def fp8_matmul(x, w):
-    """``x @ w`` for x (..., K), w (K, N...) through FP8 GEMMs; output (..., N...) in x's
+    """``x @ w`` for x (..., I), w (I, O...) through FP8 GEMMs; output (..., O...) in x's
     dtype (w may carry several output axes, e.g. the (C, 2, F) view of SwiGLU's projection)."""
     return _fp8_fwd(x, w)[0]
 
@@ -83,10 +79,10 @@ fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
 
 
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """A ``dot_general`` for :class:`swamla_jax.layers.Linear`: x (..., in) . W (in, out...)."""
+    """A ``dot_general`` for x (..., I) . w (I, O...), what the plan's FP8 linears run."""
     (lc, rc), (lb, rb) = dimension_numbers
     if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim < 2:
-        raise ValueError(f"fp8_dot_general supports x (..., in) . W (in, out...) only, got "
+        raise ValueError(f"fp8_dot_general supports x (..., I) . w (I, O...) only, got "
                          f"dimension_numbers {dimension_numbers}")
     del precision, preferred_element_type
     return fp8_matmul(lhs, rhs)
