@@ -48,7 +48,8 @@ WANDB_ID_FILE = "wandb_run_id"
 PLOT_FILE = "loss.png"  # beside metrics.jsonl, by plot_metrics at the end of a run
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib", "skipped_steps")
 EVAL_KEYS = ("eval_loss", "eval_perplexity")
-RESULT_KEYS = ("step", *TRAIN_KEYS, *EVAL_KEYS, "stopped_early", "checkpoint", "export", "plot")
+RESULT_KEYS = ("step", *TRAIN_KEYS, *EVAL_KEYS, "stopped_early", "checkpoint", "export",
+               "export_hf", "plot")
 
 
 def perplexity(loss: float) -> float:
@@ -76,7 +77,7 @@ def eval_metrics(loss: float) -> dict[str, float]:
 
 def run_result(*, step: int, skipped_steps: int, train: Mapping[str, Any],
                evaluation: Mapping[str, Any], stopped_early: bool, checkpoint=None, export=None,
-               plot=None) -> dict[str, Any]:
+               export_hf=None, plot=None) -> dict[str, Any]:
     """What ``train(cfg)`` returns, the keys of ``RESULT_KEYS``: the step reached, the last
     training and evaluation records (None for a metric not logged in this process's run), and
     the paths written (None for what was not)."""
@@ -84,7 +85,7 @@ def run_result(*, step: int, skipped_steps: int, train: Mapping[str, Any],
     return {"step": int(step), **{k: train.get(k) for k in TRAIN_KEYS},
             **{k: evaluation.get(k) for k in EVAL_KEYS}, "skipped_steps": int(skipped_steps),
             "stopped_early": bool(stopped_early), "checkpoint": path(checkpoint),
-            "export": path(export), "plot": path(plot)}
+            "export": path(export), "export_hf": path(export_hf), "plot": path(plot)}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

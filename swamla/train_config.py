@@ -16,6 +16,7 @@ import difflib
 import importlib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -30,6 +31,10 @@ from swamla.plan import ATTENTION_IMPLS, COMPUTE_DTYPES, MLP_IMPLS, REMAT_POLICI
 
 DEFAULT_SIZE = "small"
 OPTIMIZERS = ("adamw", "lion")
+# A Hub model repo id as the Hub accepts it: owner/name, each part starting and ending with a
+# letter or digit, the name at most 96 characters (and neither "--" nor ".." anywhere).
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/"
+                         r"(?=.{1,96}$)[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?", re.ASCII)
 # The original project's flag names that are not a field's own name (or that must keep pointing at
 # the model even if DataConfig grows a field of the same name).
 ORIGINAL_FLAG_ALIASES = {
@@ -132,6 +137,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "io", "newest checkpoints kept in output_dir; 0 keeps all")
     export_portable: bool = _f(True, "io", "export a portable checkpoint (SPEC section 7) at the "
                                "end")
+    export_hf: bool = _f(False, "io", "also write a transformers export (docs/hf.md) to "
+                         "output_dir/export_hf at the end")
+    push_to_hub: str | None = _f(None, "io", "push the transformers export to this Hub repo id "
+                                 "at the end (needs huggingface_hub and a login); implies "
+                                 "export_hf")
     log_interval: int = _f(10, "io", "steps between metric log lines")
     progress_bar: bool = _f(True, "io", "tqdm progress bar on the main process")
     tensorboard: bool = _f(False, "io", "also log to TensorBoard in output_dir/tb (needs "
@@ -167,8 +177,8 @@ class TrainConfig:
             if getattr(self, name) == 1.0:
                 raise ConfigError(f"{name} must be < 1, got 1.0")
         for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
-                     "scan_layers", "fuse_projections", "export_portable", "progress_bar",
-                     "tensorboard"):
+                     "scan_layers", "fuse_projections", "export_portable", "export_hf",
+                     "progress_bar", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr > self.learning_rate:
@@ -197,6 +207,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name} must be a non-empty string or null, got {value!r}")
+        if self.push_to_hub is not None and (not isinstance(self.push_to_hub, str)
+                                             or not HUB_REPO_ID.fullmatch(self.push_to_hub)
+                                             or ".." in self.push_to_hub
+                                             or "--" in self.push_to_hub):
+            raise ConfigError(f"push_to_hub must be a Hub repo id 'owner/name' (letters, digits, "
+                              f"'-', '_', '.'), got {self.push_to_hub!r}")
         if self.coordinator_address is not None and ":" not in self.coordinator_address:
             raise ConfigError(f"coordinator_address must be host:port, got "
                               f"{self.coordinator_address!r}")

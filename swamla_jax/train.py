@@ -27,6 +27,7 @@ from swamla.config import ConfigError, ModelConfig, check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
+from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
                             eval_metrics, plot_metrics, run_result, train_metrics)
 from swamla.plan import resolve_plan
@@ -364,6 +365,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     if jax.process_index() == 0:
         check_logging_packages(cfg)
+        check_run_export(cfg)
     if cfg.use_fp8 and jax.default_backend() != "gpu":
         log.warning("use_fp8 on %s: FP8 numerics are emulated (no FP8 GEMMs without an H100/H200)",
                     jax.default_backend())
@@ -488,20 +490,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             train_loader.close()
             val_loader.close()
             logger.close()
-        plot = export = None
+        plot = export = export_hf = None
         if is_main and logger.path.is_file():
             try:
                 plot = plot_metrics(logger.path, out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 log.info("no plot: %s", e)
-        if cfg.export_portable and step >= cfg.max_iters:
+        if (cfg.export_portable or wants_hf_export(cfg)) and step >= cfg.max_iters:
             params = multihost_utils.process_allgather(state.params, tiled=True)
-            if is_main:
+            if is_main and cfg.export_portable:
                 export = save_pretrained(Model(trainer.module, params), out / "export")
+            if is_main and wants_hf_export(cfg):
+                from swamla_torch.hf.export import export_run  # imports torch and transformers
+
+                export_hf = export_run(cfg, to_portable_tensors(cfg.model, params), out)
+                log.info("wrote the transformers export %s", export_hf)
         return run_result(step=step, skipped_steps=skipped_total, train=last,
                           evaluation=last_eval, stopped_early=bool(stopped_early),
                           checkpoint=None if saved is None else ckpt.directory / str(saved),
-                          export=export, plot=plot)
+                          export=export, export_hf=export_hf, plot=plot)
 
 
 def _check_finite(metrics, cfg: TrainConfig) -> tuple[bool, float]:

@@ -29,6 +29,7 @@ from swamla.config import ConfigError, check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
+from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
                             eval_metrics, plot_metrics, run_result, train_metrics)
 from swamla.plan import resolve_plan
@@ -107,6 +108,7 @@ class _Run:
         self.out = Path(cfg.output_dir)
         if env.is_main:
             check_logging_packages(cfg)
+            check_run_export(cfg)
         resume_path = resolve_resume(cfg)
         self.resume = load_checkpoint(resume_path) if resume_path is not None else None
         self.step = self.resume.step if self.resume else 0
@@ -226,13 +228,22 @@ class _Run:
         self._say(f"saved checkpoint {path}")
         return path
 
-    def export(self) -> Path | None:
+    def export(self) -> tuple[Path | None, Path | None]:
+        """The end-of-run exports asked for, written by the main process once every rank
+        gathered the weights: (portable checkpoint, transformers export), None where not."""
         tensors = {k: full_numpy(v) for k, v in self.par.raw.state_dict().items()}
         if not self.env.is_main:
-            return None
-        path = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
-        self._say(f"exported portable checkpoint {path}")
-        return path
+            return None, None
+        portable = hf = None
+        if self.cfg.export_portable:
+            portable = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
+            self._say(f"exported portable checkpoint {portable}")
+        if wants_hf_export(self.cfg):
+            from swamla_torch.hf.export import export_run  # imports transformers
+
+            hf = export_run(self.cfg, tensors, self.out)
+            self._say(f"wrote the transformers export {hf}")
+        return portable, hf
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -255,7 +266,7 @@ class _Run:
         tokens_per_step = cfg.tokens_per_step(env.world_size)
         last: dict = {}  # the newest training record
         last_eval: dict = {}
-        checkpoint = export = plot = None
+        checkpoint = export = export_hf = plot = None
         stopped_early, in_a_row, last_saved = False, 0, (self.step if self.resume else None)
         # applied steps' losses, steps done and clock since the last record; the last grad norm
         window = {"losses": [], "steps": 0, "t": time.perf_counter(), "norm": float("nan")}
@@ -304,8 +315,6 @@ class _Run:
             if not stopped_early:
                 if last_saved != self.step:  # resumed at max_iters: nothing new to save
                     checkpoint = self.save()
-                if cfg.export_portable:
-                    export = self.export()
         finally:
             bar.close()
             logger.close()
@@ -317,9 +326,13 @@ class _Run:
                 plot = plot_metrics(logger.path, self.out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 self._say(f"no plot: {e}")
+        # after the plot: a push that fails (TrainingError) leaves every local file written
+        if not stopped_early and (cfg.export_portable or wants_hf_export(cfg)):
+            export, export_hf = self.export()
         return run_result(step=self.step, skipped_steps=self.bad_total, train=last,
                           evaluation=last_eval, stopped_early=stopped_early,
-                          checkpoint=checkpoint, export=export, plot=plot)
+                          checkpoint=checkpoint, export=export, export_hf=export_hf,
+                          plot=plot)
 
     def _window_metrics(self, window: dict, tokens_per_step: int) -> dict:
         """The training record of the steps in ``window``, which then starts over."""

@@ -1,6 +1,7 @@
 """The Hugging Face export (``swamla-convert --to hf``, ``swamla_torch.hf``): the loaded
 transformers model computes what ``swamla_torch`` computes, its loss, bfloat16 loading, the way
-back to the portable tensors, generation on the compressed caches, and each error a user can hit.
+back to the portable tensors, generation on the compressed caches, the export a training run
+writes at its end (and its push to the Hub, offline), and each error a user can hit.
 
 Everything runs on CPU in float32 with matmul precision pinned to highest, on perturbed random
 weights (so biases, norm weights and DyT alphas matter), with sequences longer than the window.
@@ -456,3 +457,135 @@ def test_lm_eval_loglikelihood_equals_the_project_model(exported, tmp_path):
     results = got["results"]
     assert results["perplexity,none"] == pytest.approx(np.exp(-np.mean(ll)), rel=1e-5)
     assert results["acc,none"] == pytest.approx(np.mean(greedy))
+
+
+# ------------------------------------------------------------------ from a training run
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from swamla.data.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"), n_docs=100, seed=0)
+
+
+def run_flags(shards, out, *extra):
+    return ["--size", "tiny", "--n_layer", "3", "--block_size", "32", "--swa_window", "8",
+            "--source", "shards", "--train_paths", str(shards), "--batch_size", "2",
+            "--max_iters", "2", "--warmup_iters", "1", "--learning_rate", "3e-3",
+            "--min_lr", "3e-4", "--log_interval", "1", "--eval_interval", "1000",
+            "--eval_iters", "1", "--save_interval", "1000", "--compute_dtype", "float32",
+            "--loss_chunk", "0", "--no-progress_bar", "--output_dir", str(out), *extra]
+
+
+def trainer(backend):
+    if backend == "jax":
+        pytest.importorskip("jax")
+    import importlib
+
+    return importlib.import_module(f"swamla_{backend}.train")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_training_run_writes_the_export(shards, tmp_path, backend):
+    """The run's own export_hf computes what its portable export computes in swamla_torch."""
+    from swamla.train_config import parse_args
+
+    out = tmp_path / "run"
+    result = trainer(backend).train(parse_args(run_flags(shards, out, "--export_hf")))
+    assert result["export_hf"] == str(out / "export_hf")
+    assert result["export"] == str(out / "export")
+    ref = st.load_pretrained(out / "export").eval()
+    hf = load_hf(out / "export_hf")
+    ids = torch.randint(0, ref.config.vocab_size, (2, 32),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref(ids)[0], rtol=RTOL, atol=ATOL)
+    # launched again at max_iters, the run replaces its own export
+    again = trainer(backend).train(parse_args(run_flags(shards, out, "--export_hf")))
+    assert again["export_hf"] == str(out / "export_hf") and again["step"] == 2
+    assert load_hf_export(out / "export_hf")[0] == ref.config
+
+
+@pytest.fixture
+def no_hub_login(tmp_path, monkeypatch):
+    """Online, and no token anywhere huggingface_hub looks (nothing here reaches the network)."""
+    import huggingface_hub
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH",
+                        str(tmp_path / "hf_home" / "token"))
+    assert huggingface_hub.get_token() is None
+
+
+def assert_not_started(out):
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_push_to_hub_offline_fails_before_training(shards, tmp_path, backend, capsys):
+    from swamla.train_cli import main
+    from swamla.train_config import TrainingError, parse_args
+
+    out = tmp_path / "run"  # HF_HUB_OFFLINE=1: the autouse fixture
+    with pytest.raises(TrainingError, match=r"push_to_hub='me/tiny' but the Hub is offline "
+                       r"\(HF_HUB_OFFLINE is set\): unset HF_HUB_OFFLINE"):
+        trainer(backend).train(parse_args(run_flags(shards, out, "--push_to_hub", "me/tiny")))
+    assert_not_started(out)
+    assert main(run_flags(shards, out, "--push_to_hub", "me/tiny"), backend=backend) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_push_to_hub_without_a_token_fails_before_training(shards, tmp_path, no_hub_login):
+    from swamla.train_config import TrainingError, parse_args
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="needs a Hugging Face login: run `hf auth login` or "
+                       "set HF_TOKEN"):
+        trainer("torch").train(parse_args(run_flags(shards, out, "--push_to_hub", "me/tiny")))
+    assert_not_started(out)
+
+
+def test_failed_push_names_the_local_export(tmp_path, no_hub_login, monkeypatch):
+    """A push that fails at the end of a run (here: the Hub endpoint refuses the connection, a
+    closed port on this machine): one line, the export kept for a later upload."""
+    import huggingface_hub
+
+    from swamla.hub import push_export
+    from swamla.train_config import TrainingError
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_never_sent")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    export_dir = tmp_path / "export_hf"
+    export_dir.mkdir()
+    with pytest.raises(TrainingError) as info:
+        push_export(export_dir, "me/tiny")
+    message = str(info.value)
+    assert "\n" not in message and "could not push to the Hub repo 'me/tiny'" in message
+    assert f"the local export at {export_dir} is complete" in message
+    assert f"`hf upload me/tiny {export_dir}`" in message
+
+
+def test_export_flags_refused_by_message(shards, tmp_path):
+    from swamla.config import ConfigError
+    from swamla.train_config import parse_args
+
+    for bad in ("tiny", "me/", "/tiny", "a/b/c", "me/ti ny", "-me/tiny", "me/tiny."):
+        with pytest.raises(ConfigError, match=r"push_to_hub must be a Hub repo id 'owner/name'"):
+            parse_args([f"--push_to_hub={bad}"])
+    assert parse_args(["--push_to_hub", "me/tiny-v1.2_b"]).push_to_hub == "me/tiny-v1.2_b"
+    with pytest.raises(ConfigError, match="export_hf must be true or false"):
+        parse_args(["--config", str(write_json(tmp_path / "c.json", {"export_hf": "yes"}))])
+    out = tmp_path / "run"
+    (out / "export_hf").mkdir(parents=True)
+    (out / "export_hf" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="refusing to write a Hugging Face export at"):
+        trainer("torch").train(parse_args(run_flags(shards, out, "--export_hf")))
+    assert (out / "export_hf" / "notes.txt").read_text() == "mine"
+    assert_not_started(out)
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data))
+    return path

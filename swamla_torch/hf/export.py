@@ -1,4 +1,5 @@
-"""Write a Hugging Face export of SWA-MLA weights: ``swamla-convert SRC DST --to hf``.
+"""Write a Hugging Face export of SWA-MLA weights: ``swamla-convert SRC DST --to hf``, and at the
+end of a training run with ``--export_hf`` or ``--push_to_hub`` (``export_run``).
 
 The directory loads with ``AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True)``
 and ``AutoTokenizer.from_pretrained(DST)``; ``swamla.hf_files`` describes it and reads it back.
@@ -71,3 +72,17 @@ def export_hf(cfg: ModelConfig, tensors: dict[str, np.ndarray], directory: str |
         for name in CODE_FILES:
             shutil.copyfile(code / name, tmp / name)
     return Path(directory)
+
+
+def export_run(cfg, tensors: dict[str, np.ndarray], output_dir: str | Path) -> Path:
+    """The end of a training run with ``export_hf`` or ``push_to_hub`` (a TrainConfig ``cfg``),
+    for both trainers: write the transformers export of the final weights ``tensors`` (portable)
+    at ``output_dir/export_hf``, replacing the export of an earlier end of this run, then push
+    it to ``cfg.push_to_hub`` if set (``swamla.hub.push_export``). Returns the export's path."""
+    from swamla.hub import EXPORT_HF_DIR, push_export
+
+    path = export_hf(cfg.model, tensors, Path(output_dir) / EXPORT_HF_DIR,
+                     source="the final weights of the run")
+    if cfg.push_to_hub:
+        push_export(path, cfg.push_to_hub)
+    return path
