@@ -324,7 +324,22 @@ def _check_ids(ids, vocab_size: int, what: str, ignore_index: int | None) -> Non
                          f"{lo} max {hi}: the data was tokenized for a different vocabulary")
 
 
-def check_sequence_length(T: int, block_size: int) -> None:
+def check_input_shapes(idx_shape, targets_shape, block_size: int) -> None:
+    """Raise unless token ids are (B, T) with B, T >= 1 and T <= block_size, and targets (if
+    any) have the same shape: both backends would otherwise fail deep inside with a message that
+    names neither (a reshape, a broadcast, a modulo by zero) or silently broadcast."""
+    idx_shape = tuple(idx_shape)
+    if len(idx_shape) != 2:
+        raise ValueError(f"token ids must be a (batch, time) array, got shape {idx_shape}; add "
+                         "a batch axis for one sequence (idx[None])")
+    B, T = idx_shape
+    if B == 0 or T == 0:
+        raise ValueError(f"token ids of shape {idx_shape} are empty: give at least one sequence "
+                         "of at least one token")
     if T > block_size:
         raise ValueError(f"sequence length {T} exceeds block_size {block_size}; "
                          "shorten the input or build the model with a larger block_size")
+    if targets_shape is not None and tuple(targets_shape) != idx_shape:
+        raise ValueError(f"targets of shape {tuple(targets_shape)} do not match the token ids' "
+                         f"{idx_shape}: give one target per input position (the next token, or "
+                         "-100 for no loss)")

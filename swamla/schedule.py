@@ -7,9 +7,12 @@ trainer wraps ``lr_multiplier`` in ``LambdaLR``. ``step`` counts optimizer updat
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step, cfg, xp=np):
@@ -34,3 +37,15 @@ def lr_at(step, cfg, xp=np):
 def lr_multiplier(step, cfg) -> float:
     """``lr_at / learning_rate``: the factor ``torch.optim.lr_scheduler.LambdaLR`` expects."""
     return lr_at(step, cfg) / cfg.learning_rate
+
+
+def warn_short_run(cfg) -> None:
+    """Say once, at the start of a run, when it ends before its warmup does and what the learning
+    rate will do instead (the trainers call this on their main process)."""
+    if cfg.warmup_iters <= cfg.max_iters:
+        return
+    last = float(lr_at(cfg.max_iters - 1, cfg))
+    log.warning("warmup_iters (%d) > max_iters (%d): the learning rate rises linearly for the "
+                "whole run and its last update uses %.3g, not learning_rate %.3g; set "
+                "--warmup_iters %d or less to reach it", cfg.warmup_iters, cfg.max_iters, last,
+                cfg.learning_rate, cfg.max_iters)

@@ -20,7 +20,6 @@ import re
 import sys
 import types
 import typing
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -231,9 +230,6 @@ class TrainConfig:
             if self.num_processes is not None and self.process_id >= self.num_processes:
                 raise ConfigError(f"process_id ({self.process_id}) must be < num_processes "
                                   f"({self.num_processes})")
-        if self.warmup_iters > self.max_iters:
-            warnings.warn(f"warmup_iters ({self.warmup_iters}) > max_iters ({self.max_iters}): "
-                          "the learning rate never reaches learning_rate", stacklevel=3)
 
     # ---------------------------------------------------------------- derived values
     def global_batch_size(self, data_parallel_size: int) -> int:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swamla.config import (BlockKind, ModelConfig, check_sequence_length, check_target_ids,
+from swamla.config import (BlockKind, ModelConfig, check_input_shapes, check_target_ids,
                            check_token_ids)
 from swamla.layout import BLOCK_NAMES, layer_location
 from swamla.plan import ComputePlan, REFERENCE_PLAN
@@ -116,8 +116,8 @@ class SWAMLA(nn.Module):
     @nn.compact
     def __call__(self, idx, targets=None, *, deterministic: bool = True):
         cfg, plan = self.cfg, self.plan
+        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size)
         B, T = idx.shape
-        check_sequence_length(T, cfg.block_size)
         if not isinstance(idx, jax.core.Tracer):  # under jit the trainer checks on the host
             check_token_ids(idx, cfg.vocab_size)
         if targets is not None and not isinstance(targets, jax.core.Tracer):

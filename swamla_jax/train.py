@@ -32,7 +32,7 @@ from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging
                             eval_metrics, plot_metrics, run_result, train_metrics)
 from swamla.plan import resolve_plan
 from swamla.portable import remove_stale_temporaries
-from swamla.schedule import lr_at
+from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
                                  check_resumed_state)
@@ -366,6 +366,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if jax.process_index() == 0:
         check_logging_packages(cfg)
         check_run_export(cfg)
+        warn_short_run(cfg)
     if cfg.use_fp8 and jax.default_backend() != "gpu":
         log.warning("use_fp8 on %s: FP8 numerics are emulated (no FP8 GEMMs without an H100/H200)",
                     jax.default_backend())

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from swamla.config import (BlockKind, ModelConfig, check_sequence_length, check_target_ids,
+from swamla.config import (BlockKind, ModelConfig, check_input_shapes, check_target_ids,
                            check_token_ids)
 from swamla.layout import BLOCK_NAMES
 from swamla.plan import ComputePlan, REFERENCE_PLAN
@@ -109,8 +109,8 @@ class SWAMLA(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         cfg = self.config
+        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size)
         B, T = idx.shape
-        check_sequence_length(T, cfg.block_size)
         if self.check_inputs and not torch.compiler.is_compiling():  # a host sync: no graph break
             check_token_ids(idx.detach().cpu().numpy(), cfg.vocab_size)
             if targets is not None:

@@ -34,7 +34,7 @@ from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging
                             eval_metrics, plot_metrics, run_result, train_metrics)
 from swamla.plan import resolve_plan
 from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
-from swamla.schedule import lr_at
+from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
                                  check_resumed_state, save_failed)
@@ -109,6 +109,7 @@ class _Run:
         if env.is_main:
             check_logging_packages(cfg)
             check_run_export(cfg)
+            warn_short_run(cfg)
         resume_path = resolve_resume(cfg)
         self.resume = load_checkpoint(resume_path) if resume_path is not None else None
         self.step = self.resume.step if self.resume else 0

@@ -78,3 +78,26 @@ def test_jax_good_targets_pass(cfg, jax_model):
     idx, targets = _batch()
     _, loss = sj.SWAMLA(cfg).apply({"params": jax_model.params}, idx, targets)
     assert np.isfinite(float(loss))
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("idx_shape, targets_shape, message", [
+    ((8,), None, r"token ids must be a \(batch, time\) array, got shape \(8,\)"),
+    ((1, 0), None, r"token ids of shape \(1, 0\) are empty"),
+    ((0, 8), None, r"token ids of shape \(0, 8\) are empty"),
+    ((1, 8), (1, 6), r"targets of shape \(1, 6\) do not match the token ids' \(1, 8\)"),
+    ((2, 8), (1, 8), r"targets of shape \(1, 8\) do not match the token ids' \(2, 8\)"),
+    ((1, 17), None, r"sequence length 17 exceeds block_size 16"),
+])
+def test_input_shapes_are_checked_alike(cfg, jax_model, torch_models, backend, idx_shape,
+                                        targets_shape, message):
+    """Both backends name a bad shape instead of failing inside (a reshape, a broadcast, a
+    modulo by zero) or, in PyTorch, broadcasting targets shorter than the inputs."""
+    idx = np.zeros(idx_shape, np.int32)
+    targets = None if targets_shape is None else np.zeros(targets_shape, np.int32)
+    with pytest.raises(ValueError, match=message):
+        if backend == "jax":
+            jax_model(idx, targets)
+        else:
+            torch_models[0](torch.from_numpy(idx).long(),
+                            None if targets is None else torch.from_numpy(targets).long())

@@ -140,3 +140,23 @@ def test_both_trainers_keep_one_contract(shards, tmp_path, monkeypatch):
         assert result["checkpoint"] is not None and result["plot"] is not None, name
         assert result["export"] is None, name
         assert result["eval_loss"] == eval_records[name][-1]["eval_loss"], name
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_run_shorter_than_its_warmup_says_so_once(shards, tmp_path, backend, caplog):
+    """Once per run, at its start, with what the learning rate does instead (building the
+    config, which a run does more than once, says nothing)."""
+    import importlib
+    import logging
+    import warnings
+
+    argv = flags(shards, tmp_path / "run") + ["--max_iters", "2", "--warmup_iters", "10"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from the config itself
+        cfg = parse_args(argv)
+    with caplog.at_level(logging.WARNING, logger="swamla.schedule"):
+        importlib.import_module(f"swamla_{backend}.train").train(cfg)
+    said = [r.getMessage() for r in caplog.records if "warmup_iters" in r.getMessage()]
+    assert said == [f"warmup_iters (10) > max_iters (2): the learning rate rises linearly for "
+                    f"the whole run and its last update uses {lr_at(1, cfg):.3g}, not "
+                    f"learning_rate 0.003; set --warmup_iters 2 or less to reach it"]
