@@ -74,6 +74,20 @@ def expand_paths(patterns: tuple[str, ...], *, field: str, suffixes=tuple(BUILDE
     return out
 
 
+def _no_text(path: Path, field: str) -> DataError:
+    return DataError(f"{path} holds no text (only blank lines, or records without text); remove "
+                     f"it from {field} or fill it")
+
+
+def _holds_text(ds, column: str) -> bool:
+    """Whether any record has text that is not whitespace (a non-string counts as text here: its
+    own error comes when it is read). Usually decided by the first record."""
+    for lo in range(0, len(ds), 1024):
+        if any(not isinstance(t, str) or t.strip() for t in ds[lo:lo + 1024][column]):
+            return True
+    return False
+
+
 def _datasets():
     try:
         import datasets
@@ -108,7 +122,8 @@ def _check_text(text, label: str, field: str, raw: int) -> str:
 class LocalFiles:
     """Local files as one memory-mapped Arrow table; epochs are seeded permutations of it."""
 
-    def __init__(self, paths: list[Path], cfg: DataConfig, *, shuffle: bool, seed: int):
+    def __init__(self, paths: list[Path], cfg: DataConfig, *, shuffle: bool, seed: int,
+                 paths_field: str = "train_paths"):
         datasets = _datasets()
         parts = []
         for path in paths:
@@ -118,8 +133,14 @@ class LocalFiles:
                 ds = datasets.load_dataset(builder, cache_dir=cfg.cache_dir, **kwargs)
             except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
                 raise _read_error(path, e) from e
+            except ValueError as e:  # datasets' words for a file of records without columns
+                if "corresponds to no data" not in str(e):
+                    raise
+                raise _no_text(path, paths_field) from None
             _check_field(ds.column_names, str(path), field)
             _check_utf8(ds, field, path)
+            if not _holds_text(ds, field):
+                raise _no_text(path, paths_field)
             parts.append(ds.select_columns([field]).rename_column(field, "text")
                          if field != "text" else ds.select_columns(["text"]))
         self.data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -250,16 +271,17 @@ def local_stream_source(paths: list[Path], cfg: DataConfig, *, shuffle: bool,
 def open_source(cfg: DataConfig, split: str, *, shuffle: bool, seed: int):
     """The document source of ``split`` and whether the hash split must still be applied."""
     if split == "val" and cfg.val_paths:
-        paths, hashed = expand_paths(cfg.val_paths, field="val_paths"), False
+        field, hashed = "val_paths", False
     elif cfg.source == "fineweb-edu":
         return fineweb_source(cfg, shuffle=shuffle, seed=seed), True
     else:
-        paths, hashed = expand_paths(cfg.train_paths, field="train_paths"), True
+        field, hashed = "train_paths", True
+    paths = expand_paths(getattr(cfg, field), field=field)
     if split == "val" and hashed and cfg.val_fraction == 0.0:
         raise DataError("split='val' needs validation data: set val_paths or val_fraction > 0")
     if cfg.streaming:
         return local_stream_source(paths, cfg, shuffle=shuffle, seed=seed), hashed
-    return LocalFiles(paths, cfg, shuffle=shuffle, seed=seed), hashed
+    return LocalFiles(paths, cfg, shuffle=shuffle, seed=seed, paths_field=field), hashed
 
 
 def split_documents(source, *, split: str, hashed: bool, val_fraction: float, epoch: int = 0,
