@@ -88,6 +88,22 @@ def run_result(*, step: int, skipped_steps: int, train: Mapping[str, Any],
             "export": path(export), "export_hf": path(export_hf), "plot": path(plot)}
 
 
+def skipped_step_message(step: int, loss: float, grad_norm: float, in_a_row: int,
+                         total: int, max_bad_steps: int) -> str:
+    """What both trainers say when a step's update is skipped."""
+    return (f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}); its "
+            f"update was skipped ({in_a_row} in a row, {total} in this run; {max_bad_steps} in a "
+            "row stop the run)")
+
+
+def too_many_skipped_message(in_a_row: int, max_bad_steps: int, step: int,
+                             last_checkpoint) -> str:
+    """The error both trainers stop with after ``max_bad_steps`` skipped steps in a row."""
+    return (f"{in_a_row} consecutive non-finite steps (max_bad_steps={max_bad_steps}) at step "
+            f"{step}; stopping. The last good checkpoint is kept ({last_checkpoint or 'none yet'}): "
+            "lower learning_rate or check the data, then resume from it")
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics JSONL file; a torn last line (a run killed mid-write) is skipped."""
     lines = Path(path).read_text().splitlines()

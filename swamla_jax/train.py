@@ -29,7 +29,8 @@ from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
 from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
-                            eval_metrics, plot_metrics, run_result, train_metrics)
+                            eval_metrics, plot_metrics, run_result, skipped_step_message,
+                            too_many_skipped_message, train_metrics)
 from swamla.plan import resolve_plan
 from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at, warn_short_run
@@ -426,7 +427,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 return
             at, metrics = pending
             pending = None
-            ok, loss = _check_finite(metrics, cfg)
+            ok, loss = _check_finite(metrics, cfg, at, skipped_total, ckpt)
             if ok:
                 losses.append(loss)
             else:
@@ -512,17 +513,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           export=export, export_hf=export_hf, plot=plot)
 
 
-def _check_finite(metrics, cfg: TrainConfig) -> tuple[bool, float]:
-    """(whether the step's update was applied, its loss); raise once max_bad_steps non-finite
-    steps came in a row."""
-    ok, streak, loss = jax.device_get((metrics["ok"], metrics["bad_steps"], metrics["loss"]))
+def _check_finite(metrics, cfg: TrainConfig, step: int, total: int, ckpt) -> tuple[bool, float]:
+    """(whether update ``step`` was applied, its loss); ``total`` skipped before it. Raise once
+    max_bad_steps non-finite steps came in a row."""
+    ok, streak, loss, norm = jax.device_get((metrics["ok"], metrics["bad_steps"], metrics["loss"],
+                                             metrics["grad_norm"]))
     if ok:
         return True, float(loss)
     streak = int(streak)
-    log.warning("non-finite loss or gradient: update skipped (%d in a row)", streak)
+    log.warning(skipped_step_message(step, float(loss), float(norm), streak, total + 1,
+                                     cfg.max_bad_steps))
     if streak >= cfg.max_bad_steps:
-        raise NonFiniteError(f"{streak} consecutive steps had a non-finite loss or gradient "
-                             f"(max_bad_steps={cfg.max_bad_steps}); stopping. The last good "
-                             "checkpoint is kept: lower learning_rate or check the data, then "
-                             "resume")
+        latest = ckpt.latest_step()
+        raise NonFiniteError(too_many_skipped_message(
+            streak, cfg.max_bad_steps, step,
+            None if latest is None else ckpt.directory / str(latest)))
     return False, float(loss)

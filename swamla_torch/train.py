@@ -31,7 +31,8 @@ from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
 from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
-                            eval_metrics, plot_metrics, run_result, train_metrics)
+                            eval_metrics, plot_metrics, run_result, skipped_step_message,
+                            too_many_skipped_message, train_metrics)
 from swamla.plan import resolve_plan
 from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
 from swamla.schedule import lr_at, warn_short_run
@@ -287,14 +288,11 @@ class _Run:
                 else:
                     in_a_row += 1
                     self.bad_total += 1
-                    self._say(f"step {self.step}: non-finite loss {loss} or grad norm {norm}; "
-                              f"update skipped ({in_a_row} in a row)")
+                    self._say(skipped_step_message(self.step, loss, norm, in_a_row,
+                                                   self.bad_total, cfg.max_bad_steps))
                     if in_a_row >= cfg.max_bad_steps:
-                        raise TrainingError(
-                            f"{in_a_row} consecutive non-finite steps (max_bad_steps="
-                            f"{cfg.max_bad_steps}) at step {self.step}; last good checkpoint: "
-                            f"{latest_checkpoint(self.out) or 'none'}. Lower learning_rate, "
-                            "check the data, or resume from that checkpoint")
+                        raise TrainingError(too_many_skipped_message(
+                            in_a_row, cfg.max_bad_steps, self.step, latest_checkpoint(self.out)))
                 bar.update(1, {"loss": loss})
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                     last = self._window_metrics(window, tokens_per_step)

@@ -277,7 +277,8 @@ def test_non_finite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
         return loss * float("nan") if train else loss  # NaN loss, so NaN gradients too
 
     monkeypatch.setattr(t.Trainer, "_loss", nan_training_loss)
-    with pytest.raises(t.NonFiniteError, match="3 consecutive steps had a non-finite loss"):
+    with pytest.raises(t.NonFiniteError, match=r"3 consecutive non-finite steps \(max_bad_steps=3\) "
+                       r"at step 3; stopping. The last good checkpoint is kept"):
         t.train(parse_args(flags(shards, tmp_path / "nan", "--max_bad_steps", "3",
                                  "--save_interval", "1")))
     records = read_metrics(tmp_path / "nan" / "metrics.jsonl")

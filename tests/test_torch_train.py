@@ -400,8 +400,8 @@ def test_too_many_bad_steps_stop_with_error(shards, tmp_path, monkeypatch):
     _nan_after(monkeypatch, set(range(5, 100)))
     cfg = make_cfg(shards, tmp_path / "run", max_bad_steps=3, save_interval=2, eval_interval=100,
                    max_iters=10)
-    with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps .* at step 7; last "
-                       r"good checkpoint: .*step_00000006"):
+    with pytest.raises(TrainingError, match=r"3 consecutive non-finite steps \(max_bad_steps=3\) "
+                       r"at step 7; stopping. The last good checkpoint is kept \(.*step_00000006\)"):
         train(cfg)
     meta = ts.load_train_state(tmp_path / "run" / "checkpoints" / "step_00000006")[3]
     assert (meta["step"], meta["bad_steps"]) == (6, 2)
