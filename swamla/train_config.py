@@ -115,6 +115,8 @@ class TrainConfig:
     # ---- parallelism
     fsdp: bool = _f(False, "parallel", "shard parameters and optimizer state with FSDP2 "
                     "(PyTorch; otherwise DDP)")
+    require_gpu: bool = _f(False, "parallel", "refuse to start without a GPU (otherwise a run "
+                           "that finds none trains on the CPU, with a warning)")
     mesh_data: int = _f(1, "parallel", "JAX mesh 'data' axis size (replicated params); -1 fills "
                         "with the remaining devices")
     mesh_fsdp: int = _f(-1, "parallel", "JAX mesh 'fsdp' axis size (batch and params sharded); "
@@ -176,8 +178,8 @@ class TrainConfig:
             if getattr(self, name) == 1.0:
                 raise ConfigError(f"{name} must be < 1, got 1.0")
         for name in ("bf16_moments", "use_fp8", "gradient_checkpointing", "compile", "fsdp",
-                     "scan_layers", "fuse_projections", "export_portable", "export_hf",
-                     "progress_bar", "tensorboard"):
+                     "require_gpu", "scan_layers", "fuse_projections", "export_portable",
+                     "export_hf", "progress_bar", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.min_lr > self.learning_rate:
@@ -612,6 +614,25 @@ def _converter(tp, optional: bool):
                 raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from e
         return text
     return convert
+
+
+def check_device(cfg: TrainConfig, *, backend: str, on_gpu: bool, gpu_build: bool) -> str | None:
+    """Where a run is about to train, checked once at its start by both trainers: None on a GPU;
+    without one, a ConfigError under ``require_gpu``, else for a CUDA build of the framework
+    (which had a GPU in mind) the warning to print; None for a CPU build."""
+    if on_gpu:
+        return None
+    found = (f"{backend} is a CUDA build but found no GPU" if gpu_build
+             else f"{backend} has no GPU support installed")
+    fix = ("check nvidia-smi, CUDA_VISIBLE_DEVICES and the driver" + (" (and JAX_PLATFORMS)"
+           if backend == "jax" else "") if gpu_build else
+           "install the CUDA build (README: quick start)")
+    if cfg.require_gpu:
+        raise ConfigError(f"require_gpu: {found}; {fix}")
+    if not gpu_build:  # a CPU build on purpose: nothing to warn about
+        return None
+    return (f"{found}: training runs on the CPU, far slower than on a GPU. If a GPU was meant, "
+            f"{fix}; --require_gpu makes this an error")
 
 
 def flags_markdown() -> str:

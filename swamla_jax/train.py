@@ -9,6 +9,7 @@ its own rows of the global batch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from swamla.plan import resolve_plan
 from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
-from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
+from swamla.train_config import (TrainConfig, TrainingError, check_device, check_resume_target,
                                  check_resumed_state)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
@@ -364,10 +365,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a whole training job; returns ``swamla.metrics.run_result``: the step reached, the
     last training and evaluation records, the paths written."""
     sharding.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    fallback = check_device(cfg, backend="jax", on_gpu=jax.default_backend() == "gpu",
+                            gpu_build=_is_cuda_build())
     if jax.process_index() == 0:
         check_logging_packages(cfg)
         check_run_export(cfg)
         warn_short_run(cfg)
+        if fallback:
+            log.warning(fallback)
     if cfg.use_fp8 and jax.default_backend() != "gpu":
         log.warning("use_fp8 on %s: FP8 numerics are emulated (no FP8 GEMMs without an H100/H200)",
                     jax.default_backend())
@@ -406,6 +411,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.info("%s\nparameters: %s | mesh %s | %d tokens per step", cfg.describe(
                 mesh.shape["data"] * mesh.shape["fsdp"]), f"{n_params:,}", dict(mesh.shape),
                 tokens_per_step)
+            log.info("device: %s x %d (%s) in %d process(es), attention %s",
+                     jax.default_backend(), jax.device_count(), jax.devices()[0].device_kind,
+                     jax.process_count(), trainer.plan.attention_impl)
         bar = ProgressBar(cfg.max_iters, initial=step, enabled=cfg.progress_bar, is_main=is_main)
 
         def meta_now():
@@ -511,6 +519,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           evaluation=last_eval, stopped_early=bool(stopped_early),
                           checkpoint=None if saved is None else ckpt.directory / str(saved),
                           export=export, export_hf=export_hf, plot=plot)
+
+
+def _is_cuda_build() -> bool:
+    """Whether a CUDA plugin of jaxlib is installed (whatever it found at start)."""
+    def installed(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent package (jax_plugins) is not there
+            return False
+
+    return any(installed(name) for name in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                            "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"))
 
 
 def _check_finite(metrics, cfg: TrainConfig, step: int, total: int, ckpt) -> tuple[bool, float]:

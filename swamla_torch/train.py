@@ -17,6 +17,7 @@ JAX trainer (``swamla.metrics`` defines both).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from swamla.plan import resolve_plan
 from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
-from swamla.train_config import (TrainConfig, TrainingError, check_resume_target,
+from swamla.train_config import (TrainConfig, TrainingError, check_device, check_resume_target,
                                  check_resumed_state, save_failed)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
@@ -47,6 +48,8 @@ from swamla_torch.convert import load_portable_tensors
 from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum, full_numpy
 from swamla_torch.model import SWAMLA
 from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
+
+log = logging.getLogger(__name__)
 
 EXPORT_DIR = "export"
 
@@ -107,10 +110,14 @@ class _Run:
     def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopSignal):
         self.cfg, self.env, self.stop = cfg, env, stop
         self.out = Path(cfg.output_dir)
+        fallback = check_device(cfg, backend="torch", on_gpu=env.device.type == "cuda",
+                                gpu_build=torch.version.cuda is not None)
         if env.is_main:
             check_logging_packages(cfg)
             check_run_export(cfg)
             warn_short_run(cfg)
+            if fallback:
+                log.warning(fallback)
         resume_path = resolve_resume(cfg)
         self.resume = load_checkpoint(resume_path) if resume_path is not None else None
         self.step = self.resume.step if self.resume else 0

@@ -209,12 +209,24 @@ def test_fp8_needs_bfloat16():
         parse_args(["--use_fp8", "--compute_dtype", "float32"])
 
 
-def test_warmup_longer_than_run_warns():
-    with pytest.warns(UserWarning, match=r"warmup_iters \(400\) > max_iters \(100\)"):
-        parse_args(["--max_iters", "100"])
+def test_warmup_longer_than_run_is_said_by_the_run_not_the_config(caplog):
+    """The config is built several times a run; the trainers call warn_short_run once (both
+    trainers' runs: tests/test_trainer_contract.py)."""
+    import logging
+
+    from swamla.schedule import warn_short_run
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        parse_args(["--max_iters", "100", "--warmup_iters", "10"])
+        short, long = parse_args(["--max_iters", "100"]), parse_args(["--max_iters", "400"])
+    with caplog.at_level(logging.WARNING, logger="swamla.schedule"):
+        warn_short_run(long)
+        assert not caplog.records
+        warn_short_run(short)
+    assert [r.getMessage() for r in caplog.records] == [
+        "warmup_iters (400) > max_iters (100): the learning rate rises linearly for the whole run "
+        "and its last update uses 2.48e-05, not learning_rate 0.0001; set --warmup_iters 100 or "
+        "less to reach it"]
 
 
 def test_mesh_that_does_not_fit():

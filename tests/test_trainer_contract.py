@@ -160,3 +160,36 @@ def test_a_run_shorter_than_its_warmup_says_so_once(shards, tmp_path, backend, c
     assert said == [f"warmup_iters (10) > max_iters (2): the learning rate rises linearly for "
                     f"the whole run and its last update uses {lr_at(1, cfg):.3g}, not "
                     f"learning_rate 0.003; set --warmup_iters 2 or less to reach it"]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_require_gpu_refuses_the_cpu_before_training(shards, tmp_path, backend):
+    import importlib
+
+    from swamla.config import ConfigError
+
+    out = tmp_path / "run"
+    cfg = parse_args(flags(shards, out) + ["--require_gpu"])
+    with pytest.raises(ConfigError, match=rf"require_gpu: {backend} (is a CUDA build but found "
+                                          "no GPU|has no GPU support installed)"):
+        importlib.import_module(f"swamla_{backend}.train").train(cfg)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_cuda_build_on_the_cpu_says_so_and_the_jax_trainer_names_its_devices(
+        shards, tmp_path, caplog):
+    import logging
+
+    from swamla.train_config import check_device
+    from swamla_jax.train import train
+
+    cfg = parse_args(flags(shards, tmp_path / "run"))
+    assert check_device(cfg, backend="jax", on_gpu=True, gpu_build=True) is None
+    assert check_device(cfg, backend="torch", on_gpu=False, gpu_build=False) is None
+    said = check_device(cfg, backend="jax", on_gpu=False, gpu_build=True)
+    assert said.startswith("jax is a CUDA build but found no GPU: training runs on the CPU")
+    assert "JAX_PLATFORMS" in said and "--require_gpu makes this an error" in said
+    with caplog.at_level(logging.INFO, logger="swamla_jax.train"):
+        train(cfg)
+    assert any(r.getMessage().startswith("device: cpu x 1 (cpu) in 1 process(es), attention "
+                                         "reference") for r in caplog.records)
