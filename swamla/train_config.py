@@ -16,6 +16,7 @@ import difflib
 import importlib
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -334,6 +335,32 @@ def save_failed(step: int | None, reason: str, last_good: Any) -> TrainingError:
 
 # -------------------------------------------------------------------- resuming
 RUN_CONFIG_NAME = "train_config.json"
+# What a run writes in its output_dir besides train_config.json: a folder that holds any of them
+# but no train_config.json is not a run's, and a run there would write over them.
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "checkpoints", "export", "export_hf", "tb",
+               "wandb_run_id")
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse, before any training, an output_dir that a run cannot use: a file, a path under a
+    file, one this process may not write, or a folder of someone else's files a run would write
+    over (see RUN_OUTPUTS). A run's own folder (train_config.json) is resumed."""
+    out = Path(output_dir)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == out else f"lies under {probe}, which is a file"
+        raise ConfigError(f"output_dir {out} {where}: choose another --output_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out} cannot be written ({probe} is not writable by this "
+                          "user): choose another --output_dir or fix its permissions")
+    if probe == out and not (out / RUN_CONFIG_NAME).is_file():
+        theirs = [name for name in RUN_OUTPUTS if (out / name).exists()]
+        if theirs:
+            raise ConfigError(f"output_dir {out} holds {', '.join(theirs)} but no "
+                              f"{RUN_CONFIG_NAME}: it is not a training run's, and this run would "
+                              "write over them; choose another --output_dir or move them out")
 # Model fields a resumed run may change: regularization, context length (RoPE extends, no weight
 # depends on it) and initialization, which a resume does not run. Every other field changes the
 # function the checkpoint's weights compute.

@@ -36,8 +36,8 @@ from swamla.plan import resolve_plan
 from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
-from swamla.train_config import (TrainConfig, TrainingError, check_device, check_resume_target,
-                                 check_resumed_state)
+from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
+                                 check_resume_target, check_resumed_state)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -368,6 +368,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     fallback = check_device(cfg, backend="jax", on_gpu=jax.default_backend() == "gpu",
                             gpu_build=_is_cuda_build())
     if jax.process_index() == 0:
+        check_output_dir(cfg.output_dir)
         check_logging_packages(cfg)
         check_run_export(cfg)
         warn_short_run(cfg)

@@ -38,8 +38,8 @@ from swamla.plan import resolve_plan
 from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
-from swamla.train_config import (TrainConfig, TrainingError, check_device, check_resume_target,
-                                 check_resumed_state, save_failed)
+from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
+                                 check_resume_target, check_resumed_state, save_failed)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
@@ -113,6 +113,7 @@ class _Run:
         fallback = check_device(cfg, backend="torch", on_gpu=env.device.type == "cuda",
                                 gpu_build=torch.version.cuda is not None)
         if env.is_main:
+            check_output_dir(cfg.output_dir)
             check_logging_packages(cfg)
             check_run_export(cfg)
             warn_short_run(cfg)

@@ -193,3 +193,25 @@ def test_a_cuda_build_on_the_cpu_says_so_and_the_jax_trainer_names_its_devices(
         train(cfg)
     assert any(r.getMessage().startswith("device: cpu x 1 (cpu) in 1 process(es), attention "
                                          "reference") for r in caplog.records)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "run").write_text("notes") and d / "run", r"run is a file: choose another"),
+    (lambda d: (d / "f").write_text("x") and d / "f" / "run", r"run lies under .*f, which is a file"),
+    (lambda d: (d / "run").mkdir() or (d / "run" / "metrics.jsonl").write_text("{}") and d / "run",
+     r"run holds metrics.jsonl but no train_config.json: it is not a training run's"),
+    (lambda d: (d / "run" / "export").mkdir(parents=True) or d / "run",
+     r"run holds export but no train_config.json"),
+])
+def test_an_output_dir_that_is_not_a_runs_is_refused_before_training(shards, tmp_path, backend,
+                                                                     make, message):
+    import importlib
+
+    from swamla.config import ConfigError
+
+    out = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=message):
+        importlib.import_module(f"swamla_{backend}.train").train(parse_args(flags(shards, out)))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written or replaced
