@@ -580,8 +580,12 @@ def test_export_flags_refused_by_message(shards, tmp_path):
     out = tmp_path / "run"
     (out / "export_hf").mkdir(parents=True)
     (out / "export_hf" / "notes.txt").write_text("mine")
+    cfg = parse_args(run_flags(shards, out, "--export_hf"))
+    with pytest.raises(ConfigError, match="holds export_hf but no train_config.json"):
+        trainer("torch").train(cfg)  # not a run's folder at all
+    cfg.save_to_run(out)  # a run's folder whose export_hf is someone else's
     with pytest.raises(CheckpointError, match="refusing to write a Hugging Face export at"):
-        trainer("torch").train(parse_args(run_flags(shards, out, "--export_hf")))
+        trainer("torch").train(cfg)
     assert (out / "export_hf" / "notes.txt").read_text() == "mine"
     assert_not_started(out)
 
