@@ -161,9 +161,9 @@ def test_metrics_are_read_one_step_behind(shards, tmp_path, monkeypatch):
 
     check = t._check_finite
 
-    def counting_check(metrics, cfg):
+    def counting_check(*args):
         read_with_queued.append(queued[0])
-        return check(metrics, cfg)
+        return check(*args)
 
     monkeypatch.setattr(t, "Trainer", CountingTrainer)
     monkeypatch.setattr(t, "_check_finite", counting_check)
