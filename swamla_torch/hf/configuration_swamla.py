@@ -13,13 +13,16 @@ import dataclasses
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-try:  # in a try block: transformers then leaves the missing-package message to us
+# What both exported files say when the swamla package (the model's definition) is missing; they
+# import it in a try block so that transformers leaves the message to them.
+SWAMLA_MISSING = ("this SWA-MLA model's code needs the swamla package with PyTorch, which holds "
+                  "the model definition: `pip install 'swamla[torch]'` (or `pip install -e "
+                  "'.[torch]'` in the SWA-MLA repository)")
+
+try:
     from swamla.config import ConfigError, ModelConfig
 except ImportError as e:
-    raise ImportError(
-        "this SWA-MLA model's code needs the swamla package, which holds the model definition: "
-        "`pip install 'swamla[torch]'` (or `pip install -e '.[torch]'` in the SWA-MLA "
-        f"repository) ({e})") from e
+    raise ImportError(f"{SWAMLA_MISSING} ({e})") from e
 
 GPT2_EOS_ID = 50256  # GPT-2's <|endoftext|>, the document separator the trainers insert
 

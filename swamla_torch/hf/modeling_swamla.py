@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_swamla import SWAMLAConfig
+from .configuration_swamla import SWAMLA_MISSING, SWAMLAConfig
 
 try:  # in a try block: transformers then leaves the missing-package message to us
     from swamla.plan import REFERENCE_PLAN
@@ -34,10 +34,7 @@ try:  # in a try block: transformers then leaves the missing-package message to 
     from swamla_torch.losses import IGNORE_INDEX, cross_entropy
     from swamla_torch.model import SWAMLA
 except ImportError as e:
-    raise ImportError(
-        "this SWA-MLA model's code needs the swamla package with PyTorch, which holds the model "
-        "definition: `pip install 'swamla[torch]'` (or `pip install -e '.[torch]'` in the SWA-MLA "
-        f"repository) ({e})") from e
+    raise ImportError(f"{SWAMLA_MISSING} ({e})") from e
 
 
 class SWAMLACache(Cache):
