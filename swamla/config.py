@@ -324,7 +324,7 @@ def _check_ids(ids, vocab_size: int, what: str, ignore_index: int | None) -> Non
                          f"{lo} max {hi}: the data was tokenized for a different vocabulary")
 
 
-def check_input_shapes(idx_shape, targets_shape, block_size: int) -> None:
+def check_input_shapes(idx_shape, targets_shape, block_size: int, segments_shape=None) -> None:
     """Raise unless token ids are (B, T) with B, T >= 1 and T <= block_size, and targets (if
     any) have the same shape: both backends would otherwise fail deep inside with a message that
     names neither (a reshape, a broadcast, a modulo by zero) or silently broadcast."""
@@ -343,3 +343,6 @@ def check_input_shapes(idx_shape, targets_shape, block_size: int) -> None:
         raise ValueError(f"targets of shape {tuple(targets_shape)} do not match the token ids' "
                          f"{idx_shape}: give one target per input position (the next token, or "
                          "-100 for no loss)")
+    if segments_shape is not None and tuple(segments_shape) != idx_shape:
+        raise ValueError(f"segment_ids of shape {tuple(segments_shape)} do not match the token "
+                         f"ids' {idx_shape}: give one document id per input position")

@@ -76,6 +76,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "batch", "micro-batches summed per optimizer step")
     max_iters: int = _f(100000, "batch", "training steps of the run (skipped non-finite steps "
                         "count)")
+    doc_mask: bool = _f(False, "batch", "keep the documents packed into a row apart: attention, "
+                        "RoPE positions and sinks per document, no loss across a boundary "
+                        "(SPEC.md 3.3)")
     # ---- optimizer and schedule
     optimizer_type: str = _f("adamw", "optim", "adamw or lion")
     learning_rate: float = _f(1e-4, "optim", "peak learning rate, reached after warmup_iters")

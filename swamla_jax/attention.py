@@ -20,6 +20,7 @@ from swamla.config import ModelConfig
 from swamla.plan import ComputePlan, REFERENCE_PLAN
 from swamla_jax.cache import swa_keys, write_latent, write_swa
 from swamla_jax.kernels.attention import causal_attention, swa_sink_attention
+from swamla_jax.kernels.documents import causal_document_attention, swa_document_attention
 from swamla_jax.kernels.projections import LinearParams, fused_projections, linear
 from swamla_jax.layers import Linear, apply_rope, f32, latent_norm, logit_scale
 
@@ -37,21 +38,43 @@ def visible_mask(T: int, S: int, window: int | None, sink: int) -> jax.Array:
     return mask
 
 
+def document_mask(segment_ids: jax.Array, positions: jax.Array, window: int | None,
+                  sink: int) -> jax.Array:
+    """(B, T, T) bool, SPEC 3.3: query i sees key j iff both are in one document, j <= i and
+    (without a window) always, (with one) ``i - j < window`` or ``positions[j] < sink``, the
+    positions counted from each document's start."""
+    T = segment_ids.shape[1]
+    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (j <= i)
+    if window is not None:
+        mask &= (i - j < window) | (positions[:, None, :] < sink)
+    return mask
+
+
 def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
-              mask: jax.Array | None = None, dropout_rate: float = 0.0, dropout_rng=None,
-              impl: str = "reference") -> jax.Array:
+              mask: jax.Array | None = None, documents=None, dropout_rate: float = 0.0,
+              dropout_rng=None, impl: str = "reference") -> jax.Array:
     """Causal (optionally windowed + sink) attention; q (B, T, H, D), k (B, S, K, D),
     v (B, S, K, V) -> (B, T, H, V).
 
     ``impl="reference"``: explicit float32 scores and softmax, exact to the SPEC on any backend.
     ``mask`` (B, T, S) then replaces the causal one: the cached path, whose keys are not in
-    time order. ``impl="cudnn"`` (``kernels.attention``): flash attention that skips what lies
-    outside the window.
+    time order. ``documents`` = (segment_ids, positions), each (B, T): a packed row whose
+    documents attend only within themselves (SPEC 3.3). ``impl="cudnn"``: flash attention that
+    skips what lies outside the window (``kernels.attention``), or with ``documents`` the
+    kernels of ``kernels.documents``.
     """
     if impl == "cudnn":
+        if documents is not None:
+            if window is None:
+                return causal_document_attention(q, k, v, documents[0], scale=scale)
+            return swa_document_attention(q, k, v, *documents, scale=scale, window=window,
+                                          sink=sink)
         if window is None:
             return causal_attention(q, k, v, scale=scale)
         return swa_sink_attention(q, k, v, scale=scale, window=window, sink=sink)
+    if documents is not None:
+        mask = document_mask(*documents, window, sink)
     B, T, H, D = q.shape
     S, K = k.shape[1], k.shape[2]
     qg = q.reshape(B, T, K, H // K, D)  # head h reads kv head h // G
@@ -77,12 +100,14 @@ class SWAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, rope, positions, cache=None, chunk=None):
+    def __call__(self, x, rope, positions, cache=None, chunk=None, segment_ids=None):
         """x (B, T, C) -> y (B, T, C).
 
-        Whole sequences: ``positions`` (T,), ``rope`` cos/sin (T, P). A cached chunk: ``cache``
-        this layer's buffers, ``chunk`` from ``cache.chunk_layout``, ``positions`` (B, T) per
-        row, ``rope`` (B, T, P); returns (y, the buffers with the chunk's keys and values in).
+        Whole sequences: ``positions`` (T,), ``rope`` cos/sin (T, P); with ``segment_ids``
+        (B, T), a packed row of documents (SPEC 3.3), ``positions`` and ``rope`` then per row,
+        counted from each document's start. A cached chunk: ``cache`` this layer's buffers,
+        ``chunk`` from ``cache.chunk_layout``, ``positions`` (B, T) per row, ``rope``
+        (B, T, P); returns (y, the buffers with the chunk's keys and values in).
         """
         cfg, plan = self.cfg, self.plan
         B, T, C = x.shape
@@ -99,7 +124,8 @@ class SWAttention(nn.Module):
             q = (q.astype(f32) * logit_scale(cfg, positions)[..., None, None]).astype(q.dtype)
         if cache is None:
             y = attention(q, k, v, scale=D ** -0.5, window=cfg.swa_window, sink=cfg.swa_sink_size,
-                          impl=plan.attention_impl, **_dropout(self))
+                          documents=_documents(segment_ids, positions), impl=plan.attention_impl,
+                          **_dropout(self))
         else:  # the reference path: the flash kernels take no per-row mask
             k_all, v_all = swa_keys(cache, k, v, q.dtype)  # (B, Z + W + T, K, D)
             y = attention(q, k_all, v_all, scale=D ** -0.5, mask=chunk["swa_mask"])
@@ -118,7 +144,7 @@ class MLAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, rope, positions, cache=None, chunk=None):
+    def __call__(self, x, rope, positions, cache=None, chunk=None, segment_ids=None):
         """x (B, T, C) -> y (B, T, C); arguments as ``SWAttention.__call__``. With a cache, only
         the chunk's latents c and rope keys k_pe are stored, at slots ``positions``."""
         cfg, plan = self.cfg, self.plan
@@ -143,7 +169,7 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): one key for all heads
         wkv_b = LinearParams(cfg, H * (dn + dv), ("kv_lora", "q_heads"), name="wkv_b")(r)
         if cache is None:
-            y = self._expanded(q, c, k_pe, wkv_b)
+            y = self._expanded(q, c, k_pe, wkv_b, _documents(segment_ids, positions))
         else:
             cache = write_latent(cache, c, k_pe[:, :, 0], positions)
             y = self._absorbed(q, cache, chunk["mla_mask"], wkv_b)
@@ -151,7 +177,7 @@ class MLAttention(nn.Module):
         y = nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
         return y if cache is None else (y, cache)
 
-    def _expanded(self, q, c, k_pe, wkv_b):
+    def _expanded(self, q, c, k_pe, wkv_b, documents):
         """SPEC 3.2 as written: per-head keys and values from the latents; (B, T, H, V)."""
         cfg = self.cfg
         B, T, H = q.shape[:3]
@@ -160,7 +186,7 @@ class MLAttention(nn.Module):
         k = jnp.concatenate((kv[..., :dn], jnp.broadcast_to(k_pe, (B, T, H, k_pe.shape[-1]))),
                             axis=-1)  # (B, T, H, N+E)
         v = kv[..., dn:]  # (B, T, H, V)
-        return attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5,
+        return attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5, documents=documents,
                          impl=self.plan.attention_impl, **_dropout(self))
 
     def _absorbed(self, q, cache, mask, wkv_b):
@@ -201,6 +227,10 @@ def _project(module: nn.Module, x, specs) -> list[jax.Array]:
         params = [LinearParams(cfg, n, axes, name=name)(x.shape[-1]) for name, n, axes in specs]
         return fused_projections(x, params, plan)
     return [Linear(cfg, n, axes, plan, name=name)(x) for name, n, axes in specs]
+
+
+def _documents(segment_ids, positions):
+    return None if segment_ids is None else (segment_ids, positions)
 
 
 def _dropout(module: nn.Module) -> dict:

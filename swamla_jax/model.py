@@ -53,14 +53,15 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, ropes, positions, cache=None, chunk=None):
+    def __call__(self, x, ropes, positions, cache=None, chunk=None, segment_ids=None):
         """x (B, T, C) -> (B, T, C); with this layer's ``cache`` (and the ``chunk`` layout),
-        -> (x, updated cache), as the attention module takes and returns them."""
+        -> (x, updated cache), as the attention module takes and returns them. ``segment_ids``
+        (B, T): packed documents kept apart (SPEC 3.3)."""
         cfg, plan = self.cfg, self.plan
         attn_norm, mlp_norm, mlp = BLOCK_NAMES[self.kind]
         attn = ATTENTION[self.kind](cfg, plan, self.deterministic, name="attn")
         y = attn(block_norm(cfg, plan, attn_norm)(x), ropes[self.kind.value], positions, cache,
-                 chunk)
+                 chunk, segment_ids)
         if cache is not None:
             y, cache = y
         x = x + y
@@ -84,12 +85,21 @@ class Cycle(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, ropes, positions):
+    def __call__(self, x, ropes, positions, segment_ids):
         block = _block_class(self.plan, looped=self.plan.scan_layers)
         for j, kind in enumerate(self.cfg.cycle):
             x = block(self.cfg, kind, self.plan, self.deterministic, name=f"block_{j}")(
-                x, ropes, positions)
+                x, ropes, positions, None, None, segment_ids)
         return x, None
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """(B, T) int32: each token's position in its document, the run of equal ``segment_ids``
+    it belongs to (SPEC 3.3)."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], dtype=bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(first, t, 0), axis=1)
 
 
 def rope_by_kind(cfg: ModelConfig, positions) -> dict:
@@ -105,7 +115,9 @@ class SWAMLA(nn.Module):
 
     ``plan`` holds every kernel and precision choice (``swamla.plan.resolve_plan``); parameters
     are always float32. ``deterministic=False`` turns on dropout (rng stream ``'dropout'``) and
-    is what training passes. With ``plan.loss_chunk > 0`` and targets, the loss is computed over
+    is what training passes. ``segment_ids`` (B, T) marks the documents of packed rows: each then
+    attends only within itself, with positions and sinks counted from its start (SPEC 3.3). With
+    ``plan.loss_chunk > 0`` and targets, the loss is computed over
     chunks of that many positions, with its gradients in the same pass, so float32 logits never
     exist for the whole batch; logits are then not returned (None).
     """
@@ -114,15 +126,16 @@ class SWAMLA(nn.Module):
     plan: ComputePlan = REFERENCE_PLAN
 
     @nn.compact
-    def __call__(self, idx, targets=None, *, deterministic: bool = True):
+    def __call__(self, idx, targets=None, *, segment_ids=None, deterministic: bool = True):
         cfg, plan = self.cfg, self.plan
-        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size)
+        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size,
+                           None if segment_ids is None else segment_ids.shape)
         B, T = idx.shape
         if not isinstance(idx, jax.core.Tracer):  # under jit the trainer checks on the host
             check_token_ids(idx, cfg.vocab_size)
         if targets is not None and not isinstance(targets, jax.core.Tracer):
             check_target_ids(targets, cfg.vocab_size)
-        positions = jnp.arange(T)
+        positions = jnp.arange(T) if segment_ids is None else document_positions(segment_ids)
         ropes = rope_by_kind(cfg, positions)
         wte = Embed(cfg, plan, name="wte")
         x = nn.Dropout(cfg.dropout)(wte(idx), deterministic=deterministic)  # (B, T, C)
@@ -131,14 +144,15 @@ class SWAMLA(nn.Module):
         if cfg.n_cycles:
             scanned = nn.scan(Cycle, variable_axes={"params": 0},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_cycles,
+                              in_axes=(nn.broadcast,) * 3, length=cfg.n_cycles,
                               unroll=1 if plan.scan_layers else cfg.n_cycles,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, plan, deterministic, name="cycles")(x, ropes, positions)
+            x, _ = scanned(cfg, plan, deterministic, name="cycles")(x, ropes, positions,
+                                                                    segment_ids)
         block = _block_class(plan, looped=False)
         for i in range(cfg.n_cycles * len(cfg.cycle), cfg.n_layer):
             x = block(cfg, cfg.block_kinds[i], plan, deterministic, name=f"h_{i}")(
-                x, ropes, positions)
+                x, ropes, positions, None, None, segment_ids)
 
         x = block_norm(cfg, plan, "ln_f")(x)
         if targets is not None and plan.loss_chunk and T > plan.loss_chunk:

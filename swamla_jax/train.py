@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from swamla.config import ConfigError, ModelConfig, check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
+from swamla.data.packing import document_targets
 from swamla.flops import mfu, peak_flops
 from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
@@ -116,30 +117,33 @@ class Trainer:
                           rng=jax.random.key_data(jax.random.key(self.cfg.seed + 1)),
                           bad_steps=jnp.zeros([], jnp.int32))
 
-    def _loss(self, params, inputs, targets, rng, train: bool):
-        return self.module.apply({"params": params}, inputs, targets, deterministic=not train,
-                                 rngs={"dropout": rng})[1]
+    def _loss(self, params, batch, rng, train: bool):
+        """Mean loss of one micro-batch (inputs, targets[, segment_ids]), each (B, T)."""
+        inputs, targets, *segments = batch
+        return self.module.apply({"params": params}, inputs, targets,
+                                 segment_ids=segments[0] if segments else None,
+                                 deterministic=not train, rngs={"dropout": rng})[1]
 
     def _train_step(self, state: TrainState, batch):
-        """One optimizer step over ``batch`` = (inputs, targets), each (k, B, T)."""
-        inputs, targets = batch
-        k = inputs.shape[0]
+        """One optimizer step over ``batch`` = (inputs, targets[, segment_ids]), each
+        (k, B, T)."""
+        k = batch[0].shape[0]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grad_fn = jax.value_and_grad(self._loss)
 
         def micro(carry, xs):  # gradient accumulation: sum over micro-batches inside the step
             grads, loss = carry
-            i, x, y = xs
-            loss_i, g = grad_fn(state.params, x, y, jax.random.fold_in(rng, i), True)
+            i, micro_batch = xs
+            loss_i, g = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, i), True)
             return (jax.tree_util.tree_map(jnp.add, grads, g), loss + loss_i), None
 
         if k == 1:  # no accumulation buffer: a whole float32 copy of the parameters saved
-            loss, grads = grad_fn(state.params, inputs[0], targets[0], jax.random.fold_in(rng, 0),
-                                  True)
+            loss, grads = grad_fn(state.params, tuple(x[0] for x in batch),
+                                  jax.random.fold_in(rng, 0), True)
         else:
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
             (grads, loss), _ = jax.lax.scan(micro, (zeros, jnp.zeros([], jnp.float32)),
-                                            (jnp.arange(k), inputs, targets))
+                                            (jnp.arange(k), batch))
             grads = jax.tree_util.tree_map(lambda g: g / k, grads)
             loss = loss / k
         grad_norm = optax.tree.norm(grads)
@@ -160,8 +164,7 @@ class Trainer:
                            "bad_steps": new_state.bad_steps}
 
     def _eval_loss(self, params, batch):
-        inputs, targets = batch
-        return self._loss(params, inputs[0], targets[0], jax.random.key(0), False)
+        return self._loss(params, tuple(x[0] for x in batch), jax.random.key(0), False)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -175,8 +178,10 @@ def _process_rows(cfg: TrainConfig, mesh) -> int:
     return rows // jax.process_count()
 
 
-def _next_batch(loader, k: int, vocab_size: int):
-    """k micro-batches stacked as (k, B, T) int32, token ids checked on the host."""
+def _next_batch(loader, k: int, vocab_size: int, documents: bool = False):
+    """k micro-batches stacked as (k, B, T) int32, token ids checked on the host: (inputs,
+    targets), and with ``documents`` (``--doc_mask``) the segment ids, the targets that cross
+    into the next document then -100 (SPEC 3.3)."""
     batches = [next(loader) for _ in range(k)]
     inputs = np.stack([b.inputs for b in batches])
     targets = np.stack([b.targets for b in batches])
@@ -185,7 +190,10 @@ def _next_batch(loader, k: int, vocab_size: int):
         check_token_ids(targets, vocab_size)
     except ValueError as e:
         raise DataError(f"{loader.split} batch: {e}") from e
-    return inputs, targets
+    if not documents:
+        return inputs, targets
+    return (inputs, document_targets(inputs, targets, loader.eos_id),
+            np.stack([b.segment_ids for b in batches]))
 
 
 def _to_global(trainer: Trainer, local):
@@ -239,8 +247,8 @@ class _StopVote:
 def evaluate(trainer: Trainer, params, loader, iters: int, vocab_size: int) -> dict[str, float]:
     """Mean validation loss over ``iters`` batches from the start of the validation stream."""
     loader.reset()
-    losses = [trainer.eval_step(params, _to_global(trainer, _next_batch(loader, 1, vocab_size)))
-              for _ in range(iters)]
+    batches = (_next_batch(loader, 1, vocab_size, trainer.cfg.doc_mask) for _ in range(iters))
+    losses = [trainer.eval_step(params, _to_global(trainer, batch)) for batch in batches]
     return eval_metrics(float(np.mean(jax.device_get(losses))))
 
 
@@ -464,7 +472,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with StopSignal() as stop:
                 stop_requested = _StopVote(stop, trainer, rows)
                 while step < cfg.max_iters:
-                    batch = _to_global(trainer, _next_batch(train_loader, k, vocab))
+                    batch = _to_global(trainer, _next_batch(train_loader, k, vocab,
+                                                            cfg.doc_mask))
                     state, metrics = trainer.train_step(state, batch)
                     step += 1
                     # Settle the previous step while this one runs: the host reads metrics,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from swamla.config import ModelConfig
 from swamla.plan import ComputePlan, REFERENCE_PLAN
 from swamla_torch.cache import swa_keys, write_latent_, write_swa_
-from swamla_torch.kernels.attention import fast_attention
+from swamla_torch.kernels.attention import document_attention, fast_attention
 from swamla_torch.kernels.fp8 import linear
 from swamla_torch.layers import apply_rope, latent_norm, logit_scale
 
@@ -37,19 +37,39 @@ def visible_mask(T: int, S: int, window: int | None, sink: int, device) -> torch
     return mask
 
 
+def document_mask(segment_ids: torch.Tensor, positions: torch.Tensor, window: int | None,
+                  sink: int) -> torch.Tensor:
+    """(B, T, T) bool, SPEC 3.3: query i sees key j iff both are in one document, j <= i and
+    (without a window) always, (with one) ``i - j < window`` or ``positions[j] < sink``, the
+    positions counted from each document's start."""
+    T = segment_ids.shape[1]
+    i = torch.arange(T, device=segment_ids.device)[:, None]
+    j = torch.arange(T, device=segment_ids.device)[None, :]
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (j <= i)
+    if window is not None:
+        mask &= (i - j < window) | (positions[:, None, :] < sink)
+    return mask
+
+
 def attention(q, k, v, *, scale: float, window: int | None = None, sink: int = 0,
-              mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              mask: torch.Tensor | None = None, documents=None, dropout_p: float = 0.0,
               impl: str = "reference") -> torch.Tensor:
     """Causal (optionally windowed + sink) attention; q (B, T, H, D), k (B, S, K, D),
     v (B, S, K, V) -> (B, T, H, V).
 
     ``impl="reference"``: explicit float32 scores and softmax, exact to the SPEC on any device.
     ``mask`` (B, T, S) then replaces the causal one: the cached path, whose keys are not in
-    time order. ``impl="flex"`` (``kernels.attention``): FlexAttention with a block mask (tiles
-    outside window + sink are skipped) for SWA, SDPA's flash/cuDNN kernels for causal MLA.
+    time order. ``documents`` = (segment_ids, positions), each (B, T): a packed row whose
+    documents attend only within themselves (SPEC 3.3). ``impl="flex"`` (``kernels.attention``):
+    FlexAttention with a block mask (tiles outside window + sink, or outside the documents, are
+    skipped) for SWA and for documents, SDPA's flash/cuDNN kernels for causal MLA.
     """
     if impl == "flex":
+        if documents is not None:
+            return document_attention(q, k, v, *documents, scale, window, sink)
         return fast_attention(q, k, v, scale, window, sink)
+    if documents is not None:
+        mask = document_mask(*documents, window, sink)
     T, S = q.shape[1], k.shape[1]
     G = q.shape[2] // k.shape[2]
     qh = q.transpose(1, 2)  # (B, H, T, D)
@@ -84,10 +104,12 @@ class SWAttention(nn.Module):
         self.o_proj = linear(C, C, cfg.bias, plan.fp8)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, positions, cache=None, chunk=None):
+    def forward(self, x, rope, positions, cache=None, chunk=None, segment_ids=None):
         """x (B, T, C) -> (B, T, C).
 
-        Whole sequences: ``positions`` (T,), ``rope`` cos/sin (T, P). A cached chunk: ``cache``
+        Whole sequences: ``positions`` (T,), ``rope`` cos/sin (T, P); with ``segment_ids``
+        (B, T), a packed row of documents (SPEC 3.3), ``positions`` and ``rope`` then per row,
+        counted from each document's start. A cached chunk: ``cache``
         this layer's buffers, ``chunk`` from ``cache.chunk_layout``, ``positions`` (B, T) per
         row, ``rope`` (B, T, P); the chunk's keys and values enter the buffers in place.
         """
@@ -105,6 +127,7 @@ class SWAttention(nn.Module):
         scale = cfg.head_dim ** -0.5
         if cache is None:
             y = attention(q, k, v, scale=scale, window=cfg.swa_window, sink=cfg.swa_sink_size,
+                          documents=_documents(segment_ids, positions),
                           dropout_p=cfg.dropout if self.training else 0.0, impl=self.impl)
         else:  # the reference path: the flash kernels take no per-row mask
             k_all, v_all = swa_keys(cache, k, v, q.dtype)  # (B, Z + W + T, K, D)
@@ -135,7 +158,7 @@ class MLAttention(nn.Module):
         self.wo = linear(H * dv, C, cfg.bias, plan.fp8)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, positions, cache=None, chunk=None):
+    def forward(self, x, rope, positions, cache=None, chunk=None, segment_ids=None):
         """x (B, T, C) -> (B, T, C); arguments as ``SWAttention.forward``. With a cache, only the
         chunk's latents c and rope keys k_pe are stored, at slots ``positions``."""
         cfg = self.cfg
@@ -149,13 +172,13 @@ class MLAttention(nn.Module):
         c = self.kv_norm(latent[..., :r])  # (B, T, R)
         k_pe = apply_rope(latent[..., None, r:], cos, sin)  # (B, T, 1, E): one key for all heads
         if cache is None:
-            y = self._expanded(q_nope, q_pe, c, k_pe)
+            y = self._expanded(q_nope, q_pe, c, k_pe, _documents(segment_ids, positions))
         else:
             write_latent_(cache, c, k_pe[:, :, 0], positions)
             y = self._absorbed(q_nope, q_pe, cache, chunk["mla_mask"])
         return self.resid_dropout(self.wo(y.reshape(B, T, H * dv)))
 
-    def _expanded(self, q_nope, q_pe, c, k_pe):
+    def _expanded(self, q_nope, q_pe, c, k_pe, documents):
         """SPEC 3.2 as written: per-head keys and values from the latents; (B, T, H, V)."""
         cfg = self.cfg
         B, T, H, dn = q_nope.shape
@@ -163,7 +186,7 @@ class MLAttention(nn.Module):
         k = torch.cat((kv[..., :dn], k_pe.expand(B, T, H, -1)), dim=-1)  # (B, T, H, N+E)
         v = kv[..., dn:]  # (B, T, H, V)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, T, H, N+E)
-        return attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5,
+        return attention(q, k, v, scale=cfg.mla_qk_head_dim ** -0.5, documents=documents,
                          dropout_p=cfg.dropout if self.training else 0.0, impl=self.impl)
 
     def _absorbed(self, q_nope, q_pe, cache, mask):
@@ -193,3 +216,7 @@ class MLAttention(nn.Module):
         if bias is not None:  # the weights sum to one, so the v bias passes through unchanged
             o = o + b[:, dn:]
         return o
+
+
+def _documents(segment_ids, positions):
+    return None if segment_ids is None else (segment_ids, positions)

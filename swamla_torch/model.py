@@ -45,18 +45,30 @@ class Block(nn.Module):
         setattr(self, mlp_norm, block_norm(cfg))
         setattr(self, mlp, SwiGLU(cfg, plan))
 
-    def forward(self, x, ropes, positions, cache=None, chunk=None):
-        """x (B, T, C) -> (B, T, C); ``cache`` and ``chunk`` as the attention module takes them."""
+    def forward(self, x, ropes, positions, cache=None, chunk=None, segment_ids=None):
+        """x (B, T, C) -> (B, T, C); ``cache``, ``chunk`` and ``segment_ids`` as the attention
+        module takes them."""
         attn_norm, mlp_norm, mlp = (getattr(self, name) for name in self.names)
-        x = x + self.attn(attn_norm(x), ropes[self.kind], positions, cache, chunk)
+        x = x + self.attn(attn_norm(x), ropes[self.kind], positions, cache, chunk, segment_ids)
         return x + mlp(mlp_norm(x))
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) int64: each token's position in its document, the run of equal ``segment_ids``
+    it belongs to (SPEC 3.3)."""
+    t = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return t - torch.cummax(torch.where(first, t, 0), dim=1).values
 
 
 class SWAMLA(nn.Module):
     """Token ids (B, T) -> logits (B, T, V) and, given targets, the mean loss.
 
     With ``plan.loss_chunk > 0`` and targets, the loss is computed over chunks of that many
-    positions (logits are then not returned: None), as in ``swamla_jax.model``.
+    positions (logits are then not returned: None), as in ``swamla_jax.model``. ``segment_ids``
+    (B, T) marks the documents of packed rows: each then attends only within itself, with
+    positions and sinks counted from its start (SPEC 3.3).
     """
 
     def __init__(self, cfg: ModelConfig, plan: ComputePlan = REFERENCE_PLAN):
@@ -107,24 +119,27 @@ class SWAMLA(nn.Module):
         """Tied-head logits (..., V) in float32 of final hidden states x (..., C)."""
         return self._head(x).float()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None):
         cfg = self.config
-        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size)
+        check_input_shapes(idx.shape, None if targets is None else targets.shape, cfg.block_size,
+                           None if segment_ids is None else segment_ids.shape)
         B, T = idx.shape
         if self.check_inputs and not torch.compiler.is_compiling():  # a host sync: no graph break
             check_token_ids(idx.detach().cpu().numpy(), cfg.vocab_size)
             if targets is not None:
                 check_target_ids(targets.detach().cpu().numpy(), cfg.vocab_size)
-        positions = torch.arange(T, device=idx.device)
+        positions = (torch.arange(T, device=idx.device) if segment_ids is None
+                     else document_positions(segment_ids))
         ropes = self._ropes(positions)
         remat = self.plan.remat_policy != "none" and self.training
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
             if remat:  # each block's activations recomputed in the backward pass
-                x = torch.utils.checkpoint.checkpoint(block, x, ropes, positions,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, ropes, positions, None, None,
+                                                      segment_ids, use_reentrant=False)
             else:
-                x = block(x, ropes, positions)
+                x = block(x, ropes, positions, segment_ids=segment_ids)
         x = self.transformer.ln_f(x)
         chunk = self.plan.loss_chunk
         if targets is not None and chunk and T > chunk:

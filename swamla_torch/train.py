@@ -29,6 +29,7 @@ from tqdm import tqdm
 from swamla.config import ConfigError, check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
+from swamla.data.packing import document_targets
 from swamla.flops import mfu, peak_flops
 from swamla.hub import check_run_export, wants_hf_export
 from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging_packages,
@@ -183,7 +184,12 @@ class _Run:
             check_token_ids(batch.targets, self.cfg.model.vocab_size)
         except ValueError as e:
             raise DataError(f"{loader.split} batch after step {self.step}: {e}") from e
-        return self._to_device(batch.inputs), self._to_device(batch.targets)
+        if not self.cfg.doc_mask:
+            return self._to_device(batch.inputs), self._to_device(batch.targets), None
+        # SPEC 3.3: no target across a document boundary; attention kept within documents.
+        targets = document_targets(batch.inputs, batch.targets, loader.eos_id)
+        return (self._to_device(batch.inputs), self._to_device(targets),
+                self._to_device(batch.segment_ids))
 
     def _train_step(self) -> tuple[float, float, bool]:
         """Forward/backward over the micro-batches, then the update unless non-finite.
@@ -192,9 +198,9 @@ class _Run:
         k = self.cfg.gradient_accumulation_steps
         loss_sum = torch.zeros((), device=self.env.device)
         for i in range(k):
-            x, y = self._batch(self.loader)
+            x, y, segments = self._batch(self.loader)
             with self.par.grad_sync(i == k - 1), self.autocast:
-                _, loss = self.par.model(x, y)
+                _, loss = self.par.model(x, y, segments)
                 (loss / k).backward()
             loss_sum += loss.detach()
         norm = global_grad_norm(self.params, sharded=self.par.fsdp)
@@ -219,9 +225,9 @@ class _Run:
         self.par.model.eval()
         total = torch.zeros((), device=self.env.device)
         for _ in range(self.cfg.eval_iters):
-            x, y = self._batch(self.val_loader)
+            x, y, segments = self._batch(self.val_loader)
             with self.autocast:
-                total += self.par.model(x, y)[1].float()
+                total += self.par.model(x, y, segments)[1].float()
         self.par.model.train()
         loss = all_reduce_sum(total, self.env).item() / (self.cfg.eval_iters * self.env.world_size)
         return eval_metrics(loss)

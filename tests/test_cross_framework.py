@@ -80,23 +80,39 @@ def test_same_steps_same_parameters(shards, tmp_path, optimizer):
         assert off <= allowed, f"{optimizer}: {off} elements of {name} differ by more than {tol:.1e}"
 
 
-@pytest.mark.parametrize("first", ["jax", "torch"])
-def test_switch_framework_mid_run(shards, tmp_path, first):
-    """20 steps in one framework, 20 in the other == 40 in the first."""
+def test_document_masking_is_the_same_step_in_both(shards, tmp_path):
+    """--doc_mask: both trainers hand the loader's documents to the model (the same losses), and
+    it changes what is computed (not the losses of a run without it)."""
+    init = initial_state(tmp_path, "adamw")
+    for name, train, extra in (("jax", jax_train.train, ["--doc_mask"]),
+                               ("torch", torch_train.train, ["--doc_mask"]),
+                               ("plain", jax_train.train, [])):
+        train(parse_args(flags(shards, tmp_path / name, 4, "adamw", "--resume", str(init),
+                               *extra)))
+    np.testing.assert_allclose(losses(tmp_path / "jax"), losses(tmp_path / "torch"), rtol=1e-5)
+    assert np.abs(losses(tmp_path / "jax") - losses(tmp_path / "plain")).max() > 1e-3
+
+
+@pytest.mark.parametrize("first, extra", [("jax", ()), ("torch", ("--doc_mask",))])
+def test_switch_framework_mid_run(shards, tmp_path, first, extra):
+    """20 steps in one framework, 20 in the other == 40 in the first (from PyTorch with packed
+    documents kept apart)."""
     run = {"jax": jax_train.train, "torch": torch_train.train}
     other = "torch" if first == "jax" else "jax"
     init = initial_state(tmp_path, "adamw")
     run[first](parse_args(flags(shards, tmp_path / "straight", 40, "adamw", "--resume",
-                                str(init))))
+                                str(init), *extra)))
     half = tmp_path / "half"
-    _run_until(run[first], flags(shards, half, 40, "adamw", "--resume", str(init)), first, 20)
+    _run_until(run[first], flags(shards, half, 40, "adamw", "--resume", str(init), *extra), first,
+               20)
     if first == "jax":
         state = jax_train.export_train_state(half, tmp_path / "state")
     else:
         state = torch_train.export_train_state(sorted((half / "checkpoints").iterdir())[-1],
                                                tmp_path / "state")
     assert load_train_state(state)[3]["step"] == 20
-    run[other](parse_args(flags(shards, tmp_path / "moved", 40, "adamw", "--resume", str(state))))
+    run[other](parse_args(flags(shards, tmp_path / "moved", 40, "adamw", "--resume", str(state),
+                                *extra)))
     moved = losses(tmp_path / "moved")
     np.testing.assert_allclose(moved, losses(tmp_path / "straight")[20:], rtol=1e-5)
 

@@ -86,16 +86,21 @@ def test_tiny_run_learns_and_writes_everything(shards, tmp_path):
         np.testing.assert_array_equal(tensors[k], v)
 
 
-def test_accumulation_matches_one_big_batch(shards):
-    """k micro-batches of B rows in one step == one micro-batch of k*B rows."""
+@pytest.mark.parametrize("documents", [False, True])
+def test_accumulation_matches_one_big_batch(shards, documents):
+    """k micro-batches of B rows in one step == one micro-batch of k*B rows (also with the
+    segment ids of packed documents)."""
     import jax
 
+    from swamla.data.packing import segment_ids
     from swamla_jax import sharding
     from swamla_jax.train import Trainer
 
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, 50257, (8, 32)).astype(np.int32)
+    inputs[rng.random(inputs.shape) < 0.1] = 50256
     targets = rng.integers(0, 50257, (8, 32)).astype(np.int32)
+    arrays = (inputs, targets) + ((segment_ids(inputs, 50256),) if documents else ())
     results = []
     for k, b in ((1, 8), (4, 2)):
         cfg = parse_args(flags(shards, Path("unused"), "--batch_size", str(b),
@@ -104,7 +109,7 @@ def test_accumulation_matches_one_big_batch(shards):
         with jax.set_mesh(mesh):
             trainer = Trainer(cfg, mesh)
             state = trainer.init_state()
-            batch = (inputs.reshape(k, b, 32), targets.reshape(k, b, 32))
+            batch = tuple(a.reshape(k, b, 32) for a in arrays)
             curve = []
             for _ in range(3):
                 state, metrics = trainer.train_step(state, batch)
@@ -117,11 +122,13 @@ def test_accumulation_matches_one_big_batch(shards):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 
-def test_sigterm_saves_and_resume_is_exact(shards, tmp_path, monkeypatch):
-    """A real SIGTERM mid-run saves and exits; resuming gives the uninterrupted loss sequence."""
+@pytest.mark.parametrize("extra", [(), ("--doc_mask",)])
+def test_sigterm_saves_and_resume_is_exact(shards, tmp_path, monkeypatch, extra):
+    """A real SIGTERM mid-run saves and exits; resuming gives the uninterrupted loss sequence
+    (also with packed documents kept apart)."""
     import swamla_jax.train as t
 
-    t.train(parse_args(flags(shards, tmp_path / "straight", "--max_iters", "12")))
+    t.train(parse_args(flags(shards, tmp_path / "straight", "--max_iters", "12", *extra)))
     calls = {"n": 0}
     original = t._next_batch
 
@@ -133,11 +140,11 @@ def test_sigterm_saves_and_resume_is_exact(shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(t, "_next_batch", kill_at_step_5)
     out = tmp_path / "interrupted"
-    stopped = t.train(parse_args(flags(shards, out, "--max_iters", "12")))
+    stopped = t.train(parse_args(flags(shards, out, "--max_iters", "12", *extra)))
     assert stopped["step"] == 5 and (out / "checkpoints" / "5").is_dir()
     assert not (out / "export").exists()  # an unfinished run exports nothing
     monkeypatch.setattr(t, "_next_batch", original)
-    t.train(parse_args(flags(shards, out, "--max_iters", "12")))
+    t.train(parse_args(flags(shards, out, "--max_iters", "12", *extra)))
     np.testing.assert_array_equal(losses(out), losses(tmp_path / "straight"))
 
 
@@ -272,8 +279,8 @@ def test_non_finite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
 
     original = t.Trainer._loss
 
-    def nan_training_loss(self, params, inputs, targets, rng, train):
-        loss = original(self, params, inputs, targets, rng, train)
+    def nan_training_loss(self, params, batch, rng, train):
+        loss = original(self, params, batch, rng, train)
         return loss * float("nan") if train else loss  # NaN loss, so NaN gradients too
 
     monkeypatch.setattr(t.Trainer, "_loss", nan_training_loss)

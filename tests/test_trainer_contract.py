@@ -84,9 +84,9 @@ def _run_jax(shards, out, monkeypatch):
     _poison_training(monkeypatch, t)
     real = t.Trainer._loss
 
-    def loss(self, params, inputs, targets, rng, train):
-        value = real(self, params, inputs, targets, rng, train)
-        return value * jnp.where(jnp.any(targets == MARK), jnp.nan, 1.0) if train else value
+    def loss(self, params, batch, rng, train):
+        value = real(self, params, batch, rng, train)
+        return value * jnp.where(jnp.any(batch[1] == MARK), jnp.nan, 1.0) if train else value
 
     monkeypatch.setattr(t.Trainer, "_loss", loss)
     return t.train(parse_args(flags(shards, out)))

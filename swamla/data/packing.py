@@ -46,6 +46,12 @@ def segment_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
     return seg
 
 
+def document_targets(inputs: np.ndarray, targets: np.ndarray, eos_id: int) -> np.ndarray:
+    """``targets`` with -100 where the input is a document's EOS, whose target is the next
+    document's first token: no loss across a boundary (SPEC 3.3); the EOS is still predicted."""
+    return np.where(inputs == eos_id, -100, targets).astype(np.int32)
+
+
 class ShardSampler:
     """Rows of global batches drawn from pre-tokenized shards (see the module docstring)."""
 

@@ -37,6 +37,30 @@ def fast_attention(q, k, v, scale: float, window: int | None, sink: int) -> torc
     return out.transpose(1, 2)  # (B, T, H, V)
 
 
+def document_attention(q, k, v, segment_ids, positions, scale: float, window: int | None,
+                       sink: int) -> torch.Tensor:
+    """Attention within each document of packed rows (SPEC 3.3): q (B, T, H, D) over k
+    (B, T, K, D), v (B, T, K, V) with ``segment_ids`` and document ``positions`` (B, T); with
+    ``window``, SWA's window and each document's own sink. FlexAttention with a per-batch block
+    mask, for SWA and MLA alike: tiles outside the window or across documents are skipped, so
+    SWA's cost per token stays flat in T. Returns (B, T, H, V)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    B, T = segment_ids.shape
+
+    def visible(b, h, q_idx, kv_idx):  # SPEC 3.3
+        seen = (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (kv_idx <= q_idx)
+        if window is None:
+            return seen
+        return seen & ((q_idx - kv_idx < window) | (positions[b, kv_idx] < sink))
+
+    mask = create_block_mask(visible, B=B, H=None, Q_LEN=T, KV_LEN=T, device=str(q.device))
+    attend = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out = attend(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=kh.shape[1] != qh.shape[1])
+    return out.transpose(1, 2)  # (B, T, H, V)
+
+
 def _swa_block_mask(T: int, window: int, sink: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
