@@ -98,8 +98,25 @@ def jax_setup(preset, seq, batch, dtype, remat, extra=(), devices=1):
         trainer = Trainer(cfg, mesh)
         state = trainer.init_state()
         rows = batch * mesh.shape["data"] * mesh.shape["fsdp"]
-        tokens = np.random.default_rng(0).integers(0, 50257, (2, 1, rows, seq)).astype(np.int32)
+        tokens = list(np.random.default_rng(0).integers(0, 50257, (2, 1, rows, seq))
+                      .astype(np.int32))
+        if cfg.doc_mask:
+            tokens[0], segs = packed_documents(tokens[0])
+            tokens.append(segs)
         yield trainer, state, tuple(jax.device_put(t, trainer.batch_sharding) for t in tokens), mesh
+
+
+def packed_documents(tokens, mean_length: int = 512):
+    """Random tokens with EOS closing documents of geometric lengths (mean ``mean_length``), and
+    their segment ids: the batches of a ``+doc_mask=true`` case."""
+    import numpy as np
+
+    from swamla.data.packing import segment_ids
+
+    rng = np.random.default_rng(1)
+    tokens = np.where(rng.random(tokens.shape) < 1 / mean_length, 50256, tokens)
+    return tokens.astype(np.int32), segment_ids(tokens.reshape(-1, tokens.shape[-1]),
+                                                    50256).reshape(tokens.shape)
 
 
 def run_jax(preset, seq, batch, dtype, steps, remat, extra=(), devices=1):
@@ -165,10 +182,14 @@ def torch_setup(preset, seq, batch, dtype, remat, extra=(), compile_model=True, 
     opt = build_optimizer(raw.named_parameters(), cfg, env.device)  # as train_torch.py builds it
     x = torch.randint(0, 50257, (batch, seq), device=env.device,
                       generator=torch.Generator(device=env.device).manual_seed(env.rank))
+    segs = None
+    if cfg.doc_mask:
+        x, segs = (torch.from_numpy(a).long().to(env.device)
+                   for a in packed_documents(x.cpu().numpy()))
 
     def step():
         with torch.autocast(env.device.type, dtype=torch.bfloat16):
-            _, loss = par.model(x, x)
+            _, loss = par.model(x, x, segs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         opt.step()

@@ -155,3 +155,81 @@ def test_torch_flex_path_matches_reference():
     ref_logits, _ = torch_run(tm)(inputs, targets, segs)
     logits, _ = torch_run(flex)(inputs, targets, segs)
     assert_rel_close(logits, ref_logits, LOGIT_RTOL, "logits")
+
+
+# ------------------------------------------------------------------- fast kernels on the GPU
+def _bf16_case(seed, B=2, T=2048, H=8, K=4, D=64, V=64, mean_length=300):
+    """bf16 q, k, v at training shapes and the segment ids of random documents."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, h, d)).astype(np.float32)
+               for h, d in ((H, D), (K, D), (K, V)))
+    eos = rng.random((B, T)) < 1 / mean_length
+    return q, k, v, segment_ids(np.where(eos, EOS, 0), EOS)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["swa", "mla"])
+def test_jax_document_kernels_match_reference_in_bf16_on_gpu(kind):
+    """The blocked SWA and the Pallas flash attention on bf16 inputs: output and gradients
+    within bf16 rounding of the float32 reference."""
+    import jax.numpy as jnp
+
+    from swamla_jax.attention import attention
+    from swamla_jax.kernels.documents import causal_document_attention, swa_document_attention
+    from swamla_jax.model import document_positions
+
+    if kind == "swa":
+        q, k, v, segs = _bf16_case(0)
+    else:  # MLA: one kv head per query head, qk 192 and v 128 wide
+        q, k, v, segs = _bf16_case(1, H=8, K=8, D=192, V=128)
+    segs = jnp.asarray(segs)
+    pos = document_positions(segs)
+    window = 256 if kind == "swa" else None
+
+    def fast(q, k, v):
+        if kind == "swa":
+            return swa_document_attention(q, k, v, segs, pos, scale=0.1, window=window, sink=4)
+        return causal_document_attention(q, k, v, segs, scale=0.1)
+
+    def ref(q, k, v):
+        return attention(q, k, v, scale=0.1, window=window, sink=4, documents=(segs, pos))
+
+    args16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    args32 = [x.astype(jnp.float32) for x in args16]
+    d_out = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape[:3] + v.shape[-1:]),
+                        jnp.bfloat16)
+    out16, vjp16 = jax.vjp(jax.jit(fast), *args16)
+    out32, vjp32 = jax.vjp(jax.jit(ref), *args32)
+    assert _rel(out16, out32) < 2e-2
+    for g16, g32 in zip(vjp16(d_out), vjp32(d_out.astype(jnp.float32))):
+        assert _rel(g16, g32) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [256, None])
+def test_torch_document_flex_matches_reference_in_bf16_on_gpu(window):
+    from swamla_torch.attention import attention
+    from swamla_torch.kernels.attention import document_attention
+    from swamla_torch.model import document_positions
+
+    q, k, v, segs = _bf16_case(3) if window else _bf16_case(4, H=8, K=8, D=192, V=128)
+    q, k, v = (torch.tensor(x, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for x in (q, k, v))
+    segs = torch.tensor(segs, device="cuda")
+    pos = document_positions(segs)
+    out = document_attention(q, k, v, segs, pos, 0.1, window, 4)
+    ref = attention(*(x.float() for x in (q, k, v)), scale=0.1, window=window, sink=4,
+                    documents=(segs, pos))
+    assert _rel(out.detach().cpu(), ref.detach().cpu()) < 2e-2
+    d_out = torch.randn_like(out)
+    g16 = torch.autograd.grad(out, (q, k, v), d_out)
+    g32 = torch.autograd.grad(ref, (q, k, v), d_out.float())
+    for a, b in zip(g16, g32):
+        assert _rel(a.float().cpu(), b.float().cpu()) < 3e-2
