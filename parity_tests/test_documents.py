@@ -130,7 +130,7 @@ def test_jax_fast_path_matches_reference():
     interpreter here) on packed rows equals the reference model."""
     cfg = tiny_config(n_layer=3)
     jm = port_to_jax(perturbed_torch_model(cfg, 4))
-    inputs, targets, segs = packed_rows(PACKINGS["short_and_long"], cfg.vocab_size, 4)
+    inputs, targets, segs = packed_rows(PACKINGS["long_then_cut"], cfg.vocab_size, 4)
     fast = sj.ComputePlan(attention_impl="cudnn")
     ref_logits, ref_loss = jax_run(jm)(inputs, targets, segs)
     logits, loss = jax_run(jm, fast)(inputs, targets, segs)
@@ -143,6 +143,34 @@ def test_jax_fast_path_matches_reference():
     ref_grads, fast_grads = grads(sj.ComputePlan()), grads(fast)
     for name, g in ref_grads.items():
         assert_rel_close(fast_grads[name], g, 1e-4, name)
+
+
+@pytest.mark.parametrize("window, sink", [(8, 3), (5, 0), (16, 4), (64, 2)])
+def test_blocked_swa_kernel_matches_the_reference(window, sink):
+    """The JAX blocked SWA over random documents (longer than the window by several blocks, so
+    sinks lie blocks away), with gradients, at float32 precision."""
+    import jax.numpy as jnp
+
+    from swamla_jax.attention import attention
+    from swamla_jax.kernels.documents import swa_document_attention
+    from swamla_jax.model import document_positions
+
+    rng = np.random.default_rng(window)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 90, h, 8)), jnp.float32) for h in (4, 2, 2))
+    segs = jnp.asarray(segment_ids(np.where(rng.random((2, 90)) < 0.05, EOS, 0), EOS))
+    pos = document_positions(segs)
+
+    def fast(q, k, v):
+        return swa_document_attention(q, k, v, segs, pos, scale=0.3, window=window, sink=sink)
+
+    def ref(q, k, v):
+        return attention(q, k, v, scale=0.3, window=window, sink=sink, documents=(segs, pos))
+
+    assert_rel_close(jax.jit(fast)(q, k, v), jax.jit(ref)(q, k, v), 1e-6, "output")
+    grads = [jax.jit(jax.grad(lambda *a, f=f: (f(*a) ** 2).sum(), (0, 1, 2)))(q, k, v)
+             for f in (fast, ref)]
+    for name, g, r in zip("qkv", *grads):
+        assert_rel_close(g, r, 1e-5, f"d{name}")
 
 
 def test_torch_flex_path_matches_reference():

@@ -7,9 +7,11 @@ V value dim, Z sink keys per document, n blocks of L = W (the window) positions,
 
 * SWA: blocked local attention in XLA. A query's window lies within its own block of W
   positions and the block before, so each block of queries meets 2W keys: cost per token is
-  flat in T. Each document's sink keys that fall out of the window are gathered per query
-  (Z of them) and join the same softmax. The function is rematerialized: the backward pass
-  recomputes the (B, n, H, L, 2L) scores instead of keeping them.
+  flat in T. The sinks of documents that start in those two blocks are among those keys; a
+  query whose document starts earlier belongs to the one document holding the block before's
+  first position, whose Z sink keys join the block's keys (a per-query gather of sinks cost
+  ten times the whole attention in its backward scatter). The function is rematerialized: the
+  backward pass recomputes the (B, n, H, L, Z + 2L) scores instead of keeping them.
 * MLA: the Pallas (Triton) flash attention of ``jax.experimental.pallas.ops.gpu``, which masks by
   segment ids and skips the tiles above the diagonal; the value is zero-padded to the query's
   head dim, which that kernel requires. Off GPU it runs in Pallas' interpreter (tests).
@@ -37,7 +39,7 @@ def swa_document_attention(q, k, v, segment_ids, positions, *, scale: float, win
 def _swa_documents(q, k, v, seg, pos, scale, window, sink):
     B, T, H, D = q.shape
     K, V = k.shape[2], v.shape[-1]
-    G, L = H // K, window
+    G, L, Z = H // K, window, sink
     n = -(-T // L)
     if n * L != T:  # pad to whole blocks: padding is a document of its own (-1)
         widths = ((0, 0), (0, n * L - T))
@@ -46,40 +48,37 @@ def _swa_documents(q, k, v, seg, pos, scale, window, sink):
         pos = jnp.pad(pos, widths)
     S = n * L
 
-    def pairs(x, fill):  # (B, S, ...) -> (B, n, M, ...): block c-1's positions, then c's
+    def pairs(x, fill):  # (B, S, ...) -> (B, n, 2L, ...): block c-1's positions, then c's
         xb = x.reshape(x.shape[0], n, L, *x.shape[2:])
         prev = jnp.concatenate([jnp.full_like(xb[:, :1], fill), xb[:, :-1]], axis=1)
         return jnp.concatenate([prev, xb], axis=2)
 
     t = jnp.arange(S)
     i = t.reshape(n, L)[:, :, None]  # (n, L, 1) query times
-    j = pairs(t[None], 0)[0][:, None, :]  # (n, 1, M) key times
-    seg_q = seg.reshape(B, n, L)[..., None]
-    seg_k = pairs(seg, -2)[:, :, None, :]  # before the first block: no document
-    visible = (seg_q == seg_k) & (j <= i) & (i - j < window)  # (B, n, L, M)
-    qb = q.reshape(B, n, L, K, G, D)
-    scores = jnp.einsum("BnLKGD,BnMKD->BnKGLM", qb, pairs(k, 0),
+    j = pairs(t[None], 0)[0][:, None, :]  # (n, 1, 2L) key times
+    seg_q = seg.reshape(B, n, L)[..., None]  # (B, n, L, 1)
+    # Keys of blocks c-1 and c: the window, and the sinks of documents that start in them.
+    visible = ((seg_q == pairs(seg, -2)[:, :, None, :]) & (j <= i)
+               & ((i - j < window) | (pairs(pos, Z)[:, :, None, :] < Z)))  # (B, n, L, 2L)
+    keys, values = pairs(k, 0), pairs(v, 0)  # (B, n, 2L, K, D)
+    if Z:
+        # A query of block c whose document starts before block c-1 belongs to the document
+        # holding position (c-1)L: one document per block, whose Z sink keys join the block's.
+        anchor = jnp.maximum(jnp.arange(n) - 1, 0) * L  # (n,)
+        first = (t[None] - pos)[:, anchor]  # (B, n) its start
+        sink_t = first[..., None] + jnp.arange(Z)  # (B, n, Z)
+        before = (sink_t < anchor[:, None]) & (jnp.arange(n) > 0)[:, None]
+        sink_seg = jnp.where(before, seg[:, anchor][..., None], -2)  # -2: not a sink here
+        rows = jax.vmap(lambda x, idx: x[idx])  # per batch row: (n, Z, ...) of x
+        idx = jnp.minimum(sink_t, S - 1)
+        keys = jnp.concatenate([rows(k, idx), keys], axis=2)  # (B, n, Z + 2L, K, D)
+        values = jnp.concatenate([rows(v, idx), values], axis=2)
+        visible = jnp.concatenate([seg_q == sink_seg[:, :, None, :], visible], axis=-1)
+    scores = jnp.einsum("BnLKGD,BnMKD->BnKGLM", q.reshape(B, n, L, K, G, D), keys,
                         preferred_element_type=f32) * scale
     scores = jnp.where(visible[:, :, None, None], scores, -jnp.inf)
-    Z = sink
-    if Z:  # each document's first Z keys, where they lie out of the query's window
-        slots = jnp.arange(Z)
-        first = (t[None] - pos)[..., None] + slots  # (B, S, Z) key times of the sinks
-        gather = jax.vmap(lambda x, idx: x[idx])  # per row: (S, Z, ...) rows of x
-        k_s = gather(k, jnp.minimum(first, S - 1))  # (B, S, Z, K, D)
-        s_s = jnp.einsum("BSKGD,BSZKD->BSKGZ", q.reshape(B, S, K, G, D), k_s,
-                         preferred_element_type=f32) * scale
-        out_of_window = pos[..., None] - slots >= window  # (B, S, Z)
-        s_s = jnp.where(out_of_window[:, :, None, None], s_s, -jnp.inf)
-        s_s = s_s.reshape(B, n, L, K, G, Z).transpose(0, 1, 3, 4, 2, 5)  # (B, n, K, G, L, Z)
-        scores = jnp.concatenate([scores, s_s], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BnKGLM,BnMKV->BnLKGV", probs[..., :2 * L], pairs(v, 0),
-                     preferred_element_type=f32).reshape(B, S, K, G, V)
-    if Z:
-        p_s = probs[..., 2 * L:].transpose(0, 1, 4, 2, 3, 5).reshape(B, S, K, G, Z)
-        out = out + jnp.einsum("BSKGZ,BSZKV->BSKGV", p_s, gather(v, jnp.minimum(first, S - 1)),
-                               preferred_element_type=f32)
+    out = jnp.einsum("BnKGLM,BnMKV->BnLKGV", probs, values, preferred_element_type=f32)
     return out.reshape(B, S, H, V)[:, :T].astype(q.dtype)
 
 
@@ -109,3 +108,24 @@ def causal_document_attention(q, k, v, segment_ids, *, scale: float, block: int 
     out = mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=True,
               block_sizes=sizes, interpret=interpret)
     return out[:, :T, :, :V]
+
+
+def causal_document_attention_cudnn(q, k, v, segment_ids, *, scale: float, max_docs: int):
+    """As :func:`causal_document_attention`, through cuDNN's packed-sequence (ragged offsets)
+    flash attention: each row's documents are cuDNN sequences of their own. Rows may hold at
+    most ``max_docs`` documents (static)."""
+    from swamla_jax.kernels.attention import _cudnn
+
+    cudnn = _cudnn()
+    B, T = segment_ids.shape
+    first = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                            axis=1)
+    doc = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # (B, T) document index in its row
+    lengths = jax.vmap(lambda d: jnp.bincount(d, length=max_docs))(doc).astype(jnp.int32)
+    valid = jnp.arange(max_docs)[None] <= doc[:, -1:]
+    seqlen = jnp.where(valid, lengths, -1)
+    starts = jnp.where(valid, jnp.cumsum(lengths, axis=1) - lengths, -1)
+    offsets = jnp.concatenate([starts, jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    return cudnn.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen,
+                                       q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                       mask_type=cudnn.MaskType.CAUSAL)
