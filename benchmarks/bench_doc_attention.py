@@ -79,12 +79,14 @@ def main(argv=None) -> int:
             q, k, v, segs, pos, scale=s_swa, window=W, sink=0), (W, 0)),
         "mla_cudnn_plain": (mla, lambda q, k, v: causal_attention(q, k, v, scale=s_mla), None),
     }
-    for block in (32, 64, 128):
+    kernels["mla_docs"] = (mla, lambda q, k, v: documents.causal_document_attention(
+        q, k, v, segs, scale=s_mla), (None, 0))
+    for block in (32, 64):
         kernels[f"mla_pallas_docs_b{block}"] = (mla, lambda q, k, v, b=block: (
-            documents.causal_document_attention(q, k, v, segs, scale=s_mla, block=b)), (None, 0))
+            documents.pallas_document_attention(q, k, v, segs, scale=s_mla, block=b)), (None, 0))
     for m in (16, 64):
         kernels[f"mla_cudnn_packed_docs_m{m}"] = (mla, lambda q, k, v, m=m: (
-            documents.causal_document_attention_cudnn(q, k, v, segs, scale=s_mla, max_docs=m)),
+            documents.cudnn_document_attention(q, k, v, segs, scale=s_mla, max_docs=m)),
             (None, 0))
     rows = []
     for name, ((q, k, v, d_out), fn, docs) in kernels.items():

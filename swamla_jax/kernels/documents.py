@@ -12,9 +12,12 @@ V value dim, Z sink keys per document, n blocks of L = W (the window) positions,
   first position, whose Z sink keys join the block's keys (a per-query gather of sinks cost
   ten times the whole attention in its backward scatter). The function is rematerialized: the
   backward pass recomputes the (B, n, H, L, Z + 2L) scores instead of keeping them.
-* MLA: the Pallas (Triton) flash attention of ``jax.experimental.pallas.ops.gpu``, which masks by
-  segment ids and skips the tiles above the diagonal; the value is zero-padded to the query's
-  head dim, which that kernel requires. Off GPU it runs in Pallas' interpreter (tests).
+* MLA: cuDNN's flash attention over packed sequences (each document one cuDNN sequence, given
+  by offsets and lengths) when every row holds at most ``max_docs`` documents, which covers
+  pretraining text (FineWeb-Edu's documents average ~1000 tokens); otherwise, chosen at run time,
+  the Pallas (Triton) flash attention of ``jax.experimental.pallas.ops.gpu``, which masks by
+  segment ids (4x cuDNN's time on an H100). Off GPU the Pallas kernel runs in its interpreter
+  (tests).
 """
 
 from __future__ import annotations
@@ -82,10 +85,36 @@ def _swa_documents(q, k, v, seg, pos, scale, window, sink):
     return out.reshape(B, S, H, V)[:, :T].astype(q.dtype)
 
 
-def causal_document_attention(q, k, v, segment_ids, *, scale: float, block: int = 64,
+def causal_document_attention(q, k, v, segment_ids, *, scale: float, max_docs: int = 16,
                               interpret: bool | None = None):
     """q (B, T, H, D), k (B, T, H, D), v (B, T, H, V) -> (B, T, H, V): causal attention within
-    each document (``segment_ids`` (B, T)); ``block`` is the kernel's query and key tile."""
+    each document (``segment_ids`` (B, T)). On GPU, cuDNN's packed-sequence flash attention when
+    no row holds more than ``max_docs`` documents (the bound is static), else the Pallas kernel;
+    elsewhere the Pallas kernel in its interpreter."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if interpret:
+        return pallas_document_attention(q, k, v, segment_ids, scale=scale, interpret=True)
+    first = _document_starts(segment_ids)
+    most = jnp.max(jnp.sum(first, axis=1))
+    return jax.lax.cond(
+        most <= max_docs,
+        lambda *a: cudnn_document_attention(*a, scale=scale, max_docs=max_docs),
+        lambda *a: pallas_document_attention(*a, scale=scale), q, k, v, segment_ids)
+
+
+def _document_starts(segment_ids):
+    """(B, T) bool: where a document starts (a run of equal ids)."""
+    B = segment_ids.shape[0]
+    return jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+
+
+def pallas_document_attention(q, k, v, segment_ids, *, scale: float, block: int = 64,
+                              interpret: bool = False):
+    """:func:`causal_document_attention` on the Pallas (Triton) flash attention of
+    ``jax.experimental.pallas.ops.gpu``; ``block`` is its query and key tile (128 exceeds the
+    H100's shared memory at MLA's head dims)."""
     from jax.experimental.pallas.ops.gpu.attention import BlockSizes, mha
 
     B, T, H, D = q.shape
@@ -103,29 +132,30 @@ def causal_document_attention(q, k, v, segment_ids, *, scale: float, block: int 
     small = min(tile, 32)
     sizes = BlockSizes(block_q=tile, block_k=tile, block_q_dkv=small, block_kv_dkv=small,
                        block_q_dq=small, block_kv_dq=small)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     out = mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=True,
               block_sizes=sizes, interpret=interpret)
     return out[:, :T, :, :V]
 
 
-def causal_document_attention_cudnn(q, k, v, segment_ids, *, scale: float, max_docs: int):
-    """As :func:`causal_document_attention`, through cuDNN's packed-sequence (ragged offsets)
-    flash attention: each row's documents are cuDNN sequences of their own. Rows may hold at
-    most ``max_docs`` documents (static)."""
+def cudnn_document_attention(q, k, v, segment_ids, *, scale: float, max_docs: int):
+    """:func:`causal_document_attention` on cuDNN's packed-sequence (ragged offsets) flash
+    attention: each row's documents are cuDNN sequences of their own; rows may hold at most
+    ``max_docs`` documents. The value is zero-padded to the query's head dim: with packed
+    sequences cuDNN's own MLA mode (qk 192, v 128) faults (illegal address, H100, JAX 0.11.2)."""
     from swamla_jax.kernels.attention import _cudnn
 
     cudnn = _cudnn()
     B, T = segment_ids.shape
-    first = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            axis=1)
-    doc = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # (B, T) document index in its row
+    doc = jnp.cumsum(_document_starts(segment_ids), axis=1, dtype=jnp.int32) - 1  # (B, T)
     lengths = jax.vmap(lambda d: jnp.bincount(d, length=max_docs))(doc).astype(jnp.int32)
     valid = jnp.arange(max_docs)[None] <= doc[:, -1:]
     seqlen = jnp.where(valid, lengths, -1)
     starts = jnp.where(valid, jnp.cumsum(lengths, axis=1) - lengths, -1)
     offsets = jnp.concatenate([starts, jnp.full((B, 1), -1, jnp.int32)], axis=1)
-    return cudnn.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen,
-                                       q_offsets=offsets, kv_offsets=offsets, scale=scale,
-                                       mask_type=cudnn.MaskType.CAUSAL)
+    V = v.shape[-1]
+    if V < q.shape[-1]:
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))
+    out = cudnn.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen,
+                                      q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                      mask_type=cudnn.MaskType.CAUSAL)
+    return out[..., :V]
