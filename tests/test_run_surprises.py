@@ -1,0 +1,118 @@
+"""What a user hits around a run, in both trainers: a hub that never answers, a full disk, a
+resume that would change the run.
+
+A stalled hub is a real local TCP server that accepts connections and never answers, reached
+through ``HF_ENDPOINT``. A full disk is the file system refusing large files (``RLIMIT_FSIZE``:
+every write past the limit fails with EFBIG, as it fails with ENOSPC on a full disk) in the
+library that really writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StalledHub:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(conn)
+
+    def close(self):
+        self.server.close()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture
+def stalled_hub(monkeypatch):
+    hub = StalledHub()
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    yield hub
+    hub.close()
+
+
+# ------------------------------------------------------------------ a hub that never answers
+def test_the_default_tokenizer_needs_no_network(stalled_hub, caplog):
+    from swamla.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    loaded = []
+    with caplog.at_level("INFO", logger="swamla.tokenizer"):
+        for name in (DEFAULT_TOKENIZER, "gpt2"):  # in a thread: a wait on the hub fails, not hangs
+            worker = threading.Thread(target=lambda n=name: loaded.append(load_tokenizer(n)),
+                                      daemon=True)
+            worker.start()
+            worker.join(10)
+    assert [tok.name for tok in loaded] == [DEFAULT_TOKENIZER] * 2, "waited on the hub"
+    assert all(tok.encode("Hello world") == [15496, 995] for tok in loaded)
+    assert "bundled files" in caplog.text and "no network" in caplog.text
+    time.sleep(0.05)  # a connection in flight would be accepted by now
+    assert stalled_hub.connections == []
+
+
+def test_a_stalled_hub_ends_in_one_error_within_the_deadline(stalled_hub, tmp_path):
+    """A hub tokenizer and an export's push, with SWAMLA_HUB_TIMEOUT=1: each logs what it waits
+    for, then fails in one line naming the way to work without the hub. HF_ENDPOINT is read
+    when huggingface_hub is imported, hence a fresh interpreter."""
+    export = tmp_path / "export_hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    code = textwrap.dedent(f"""
+        import logging, sys, time
+        from swamla.hub import push_export
+        from swamla.tokenizer import load_tokenizer
+
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        for call in (lambda: load_tokenizer("someone/a-tokenizer"),
+                     lambda: push_export({str(export)!r}, "me/tiny")):
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as e:
+                print(f"{{time.perf_counter() - start:.1f}} {{type(e).__name__}}: {{e}}")
+    """)
+    env = dict(os.environ, SWAMLA_HUB_TIMEOUT="1", HF_TOKEN="hf_test_token_never_sent",
+               HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout + proc.stderr[-3000:]
+    waited = [float(line.split()[0]) for line in lines]
+    assert all(s < 10 for s in waited), lines
+    tokenizer, push = (line.split(" ", 1)[1] for line in lines)
+    assert tokenizer.startswith(f"TokenizerError: tokenizer 'someone/a-tokenizer' from the hub: "
+                                f"the Hugging Face hub at {stalled_hub.url} did not answer within "
+                                "1 s (SWAMLA_HUB_TIMEOUT sets the wait); to work without the "
+                                "hub, pass a local tokenizer directory")
+    assert "HF_HUB_OFFLINE=1" in tokenizer and "'openai-community/gpt2' (bundled" in tokenizer
+    assert push.startswith("TrainingError: could not push to the Hub repo 'me/tiny': creating "
+                           f"the Hub repo 'me/tiny': the Hugging Face hub at {stalled_hub.url} "
+                           "did not answer within 1 s")
+    assert f"the local export at {export} is complete and can be pushed later" in push
+    assert ("waiting up to 1 s for tokenizer 'someone/a-tokenizer' from the hub" in proc.stderr
+            and "waiting up to 1 s for creating the Hub repo 'me/tiny'" in proc.stderr)
+    assert len(stalled_hub.connections) >= 2  # both went to the stalled hub
