@@ -11,18 +11,21 @@ keeps the original project's flag names working. Precedence: defaults < ``--conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from swamla.config import (ConfigError, ModelConfig, preset_path, read_json,
                            require_float, require_int)
@@ -325,12 +328,93 @@ class TrainingError(RuntimeError):
     """A run cannot go on (e.g. too many non-finite steps in a row); its checkpoints are kept."""
 
 
-def save_failed(step: int | None, reason: str, last_good: Any) -> TrainingError:
-    """The error of a checkpoint that could not be written (a full disk): both trainers write
-    into a temporary that only a complete save replaces, so ``last_good`` is intact."""
-    return TrainingError(f"could not save the checkpoint of step {step}: {reason}. The last good "
-                         f"checkpoint, {last_good or 'none'}, is intact: free space (or point "
-                         "--output_dir elsewhere) and resume with --resume auto")
+# The errors of a write that more space would have let through.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Where a library reports the OS error of a failed write in its text: Python's OSError, Rust's
+# io::Error (safetensors), tensorstore's status (Orbax).
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)|os_error_code='?(\d+)")
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The OS error number behind ``error`` or its causes, when one is known."""
+    while error is not None:
+        if isinstance(getattr(error, "errno", None), int):
+            return error.errno
+        found = _ERRNO_IN_TEXT.search(str(error))
+        if found:
+            return int(next(g for g in found.groups() if g))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _tree_bytes(path: Any) -> int | None:
+    """The bytes of the files under ``path`` (a last good checkpoint), None if there is none."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def write_failure(error: BaseException, where: str | Path, needed_bytes: int | None) -> str:
+    """Why a write under ``where`` failed, in one line: the OS's reason, and for a full disk the
+    space the write needs (when known) and the space free there."""
+    number = _errno_of(error)
+    if number is None:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = lines[0] if len(lines[0]) <= 300 else "..." + lines[0][-300:]
+        return f"{type(error).__name__}: {reason}"
+    reason = f"{os.strerror(number)} (errno {number})"
+    if number not in DISK_FULL_ERRNOS:
+        return reason
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = f"it needs about {_size(needed_bytes)}, " if needed_bytes else ""
+    return f"{reason}: {need}{_size(free)} free there"
+
+
+def _fix(error: BaseException) -> str:
+    return ("free space (or point --output_dir elsewhere)" if _errno_of(error) in DISK_FULL_ERRNOS
+            else "fix that")
+
+
+def save_failed(step: int | None, error: BaseException, last_good: Any, *,
+                directory: str | Path, needed_bytes: int | None = None) -> TrainingError:
+    """The error of a checkpoint that could not be written into ``directory`` (a full disk):
+    both trainers write into a temporary that only a complete save replaces, so ``last_good`` is
+    intact. ``needed_bytes`` defaults to the size of ``last_good``."""
+    needed = needed_bytes or _tree_bytes(last_good)
+    return TrainingError(f"could not save the checkpoint of step {step} in {directory}: "
+                         f"{write_failure(error, directory, needed)}. The last good checkpoint, "
+                         f"{last_good or 'none'}, is intact: {_fix(error)} and resume with "
+                         "--resume auto")
+
+
+@contextlib.contextmanager
+def end_of_run_write(what: str, path: str | Path, cfg: "TrainConfig", checkpoint: Any, *,
+                     needed_bytes: int | None = None) -> Iterator[None]:
+    """Report a write after the last checkpoint (the loss plot, the exports) that fails on an
+    OSError (a full disk) as one TrainingError line: the trained weights are safe in
+    ``checkpoint`` (or the run's checkpoints when None), and launching the run again writes
+    only what is missing."""
+    try:
+        yield
+    except OSError as e:
+        kept = checkpoint or Path(cfg.output_dir) / "checkpoints"
+        again = ("launch the run again: it resumes at its last step, trains nothing and writes "
+                 "the end-of-run files")
+        fix = (f"free space, then {again} (or write the export elsewhere: swamla-convert "
+               f"{cfg.output_dir} DST --to portable)" if _errno_of(e) in DISK_FULL_ERRNOS
+               else f"fix that, then {again}")
+        raise TrainingError(f"could not write the {what} {path}: "
+                            f"{write_failure(e, path, needed_bytes)}. The trained weights are "
+                            f"safe in {kept}: {fix}") from e
 
 
 # -------------------------------------------------------------------- resuming

@@ -4,13 +4,17 @@ A checkpoint is ``output_dir/checkpoints/<step>/`` with two items: ``state`` (th
 params, optimizer state, step, RNG, bad-step count) and ``meta`` (JSON: data loader position,
 counters, the run's TrainConfig). Orbax writes into a temporary directory and renames it when
 complete, so a kill mid-save leaves the previous checkpoints as they were; a write that fails
-(a full disk) is a TrainingError naming the step and the last good checkpoint. Restoring takes
-the target shardings of the *current* mesh, so a run can continue on another device count.
+(a full disk) is one TrainingError line naming the step, the space needed and the last good
+checkpoint, and the echoes of the failure Orbax and tensorstore print from their threads are
+held back. Restoring takes the target shardings of the *current* mesh, so a run can continue on
+another device count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,33 @@ from swamla.portable import CheckpointError
 from swamla.train_config import save_failed
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class _FailedSaveEchoes(logging.Filter):
+    """While a Checkpointer is open, drop what a failed asynchronous save prints besides the
+    error it raises: Orbax's error records with tracebacks (the same error reaches ``wait``,
+    which reports it in one line) and the 'Event loop is closed' errors of tensorstore callbacks
+    that outlive the event loop of the failed write; hundreds of lines for one full disk."""
+
+    def __init__(self):
+        super().__init__()
+        self._previous_hook = sys.unraisablehook
+        logging.getLogger("absl").addFilter(self)  # Orbax logs through absl
+        sys.unraisablehook = self._unraisable
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info
+                    and "orbax" in Path(record.pathname).parts)
+
+    def _unraisable(self, info) -> None:
+        if not (isinstance(info.exc_value, RuntimeError)
+                and str(info.exc_value) == "Event loop is closed"):
+            self._previous_hook(info)
+
+    def remove(self) -> None:
+        logging.getLogger("absl").removeFilter(self)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
 
 
 class Checkpointer:
@@ -34,6 +65,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
         self._in_flight: int | None = None  # the step of an asynchronous save not yet waited on
+        self._state_bytes: int | None = None  # the size of the state saved
+        self._echoes = _FailedSaveEchoes()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -43,6 +76,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict[str, Any], *, wait: bool = False) -> None:
         self.wait()  # Orbax runs one save at a time; a failure of the previous one is its own
+        self._state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
         with self._write_errors(step):
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -62,10 +96,8 @@ class Checkpointer:
             yield
         except (OSError, ValueError) as e:  # tensorstore's I/O errors are ValueErrors
             last = self._manager.latest_step()  # only a complete save is renamed into place
-            line = (str(e).strip().splitlines() or [""])[0]  # the OS's reason comes last
-            reason = line if len(line) <= 300 else "..." + line[-300:]
-            raise save_failed(step, f"{type(e).__name__} in {self.directory}: {reason}",
-                              None if last is None else self.directory / str(last)) from e
+            raise save_failed(step, e, None if last is None else self.directory / str(last),
+                              directory=self.directory, needed_bytes=self._state_bytes) from e
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of ``step``, laid out as ``abstract_state``'s shardings say."""
@@ -94,6 +126,7 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+            self._echoes.remove()
 
 
 def abstract_with_shardings(shapes, shardings):

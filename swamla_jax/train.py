@@ -37,7 +37,7 @@ from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
-                                 check_resume_target, check_resumed_state)
+                                 check_resume_target, check_resumed_state, end_of_run_write)
 from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -502,23 +502,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_loader.close()
             logger.close()
         plot = export = export_hf = None
+        kept = None if saved is None else ckpt.directory / str(saved)
         if is_main and logger.path.is_file():
             try:
-                plot = plot_metrics(logger.path, out / PLOT_FILE)
+                with end_of_run_write("loss plot", out / PLOT_FILE, cfg, kept):
+                    plot = plot_metrics(logger.path, out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 log.info("no plot: %s", e)
         if (cfg.export_portable or wants_hf_export(cfg)) and step >= cfg.max_iters:
             params = multihost_utils.process_allgather(state.params, tiled=True)
             if is_main and cfg.export_portable:
-                export = save_pretrained(Model(trainer.module, params), out / "export")
+                with end_of_run_write("portable export", out / "export", cfg, kept,
+                                      needed_bytes=4 * n_params):
+                    export = save_pretrained(Model(trainer.module, params), out / "export")
             if is_main and wants_hf_export(cfg):
+                from swamla.hub import EXPORT_HF_DIR
                 from swamla_torch.hf.export import export_run  # imports torch and transformers
 
-                export_hf = export_run(cfg, to_portable_tensors(cfg.model, params), out)
+                with end_of_run_write("transformers export", out / EXPORT_HF_DIR, cfg, kept,
+                                      needed_bytes=4 * n_params):
+                    export_hf = export_run(cfg, to_portable_tensors(cfg.model, params), out)
                 log.info("wrote the transformers export %s", export_hf)
         return run_result(step=step, skipped_steps=skipped_total, train=last,
                           evaluation=last_eval, stopped_early=bool(stopped_early),
-                          checkpoint=None if saved is None else ckpt.directory / str(saved),
+                          checkpoint=kept,
                           export=export, export_hf=export_hf, plot=plot)
 
 

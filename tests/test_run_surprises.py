@@ -10,6 +10,7 @@ library that really writes them.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -116,3 +117,76 @@ def test_a_stalled_hub_ends_in_one_error_within_the_deadline(stalled_hub, tmp_pa
     assert ("waiting up to 1 s for tokenizer 'someone/a-tokenizer' from the hub" in proc.stderr
             and "waiting up to 1 s for creating the Hub repo 'me/tiny'" in proc.stderr)
     assert len(stalled_hub.connections) >= 2  # both went to the stalled hub
+
+
+# ------------------------------------------------------------------ a full disk at the end
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from swamla.data.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"), n_docs=200, seed=0)
+
+
+def flags(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["--size", "tiny", "--n_layer", "2", "--swa_layers_per_cycle", "1",
+            "--mla_layers_per_cycle", "1", "--block_size", "32", "--swa_window", "8",
+            "--source", "shards", "--train_paths", str(shards), "--batch_size", "2",
+            "--max_iters", "2", "--warmup_iters", "1", "--log_interval", "1",
+            "--eval_interval", "1000", "--eval_iters", "1", "--save_interval", "1000",
+            "--compute_dtype", "float32", "--loss_chunk", "0", "--no-progress_bar",
+            "--output_dir", str(out), *extra]
+
+
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+EXPORT_WRITER = {"jax": "save_pretrained", "torch": "save_portable"}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_full_disk_at_the_final_export_is_one_line(shards, tmp_path, backend, monkeypatch,
+                                                    capsys, one_torch_thread):
+    """The last checkpoint is written, then the file system refuses large files: the export's
+    write fails inside safetensors. One line naming the export, the space it needs and what to
+    do; launching the run again resumes at its last step and writes the export."""
+    import importlib
+    import resource
+
+    from swamla.portable import load_portable
+    from swamla.train_cli import main
+
+    module = importlib.import_module(f"swamla_{backend}.train")
+    writer = getattr(module, EXPORT_WRITER[backend])
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def write_on_a_full_disk(*args, **kwargs):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))  # no file over 1 MiB
+        try:
+            return writer(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(module, EXPORT_WRITER[backend], write_on_a_full_disk)
+    assert main(flags(shards, out), backend=backend) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    ckpts = out / "checkpoints"
+    kept = ckpts / ("2" if backend == "jax" else "step_00000002")
+    assert re.fullmatch(
+        rf"error: could not write the portable export {out / 'export'}: File too large \(errno "
+        rf"27\): it needs about [\d.]+ MiB, [\d.]+ [MG]iB free there\. The trained weights are "
+        rf"safe in {kept}: free space, then launch the run again: it resumes at its last step, "
+        rf"trains nothing and writes the end-of-run files \(or write the export elsewhere: "
+        rf"swamla-convert {out} DST --to portable\)\n", err), err
+    assert not (out / "export").exists()  # nothing partial left in its place
+    monkeypatch.setattr(module, EXPORT_WRITER[backend], writer)
+    assert main(flags(shards, out), backend=backend) == 0
+    assert load_portable(out / "export")[0].n_layer == 2
