@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,49 @@ CHECKPOINT_DIR = "checkpoints"
 
 class _FailedSaveEchoes(logging.Filter):
     """While a Checkpointer is open, drop what a failed asynchronous save prints besides the
-    error it raises: Orbax's error records with tracebacks (the same error reaches ``wait``,
-    which reports it in one line) and the 'Event loop is closed' errors of tensorstore callbacks
-    that outlive the event loop of the failed write; hundreds of lines for one full disk."""
+    error it raises, hundreds of lines for one full disk: Orbax's error records and asyncio's
+    '... exception was never retrieved', each with an error that names the checkpoint directory
+    or a traceback through Orbax (the same error reaches ``wait``, which reports it in one line),
+    and the 'Event loop is closed' errors of tensorstore callbacks that outlive the event loop of
+    the failed write. After a failure they stay dropped, with the warnings about its coroutines
+    never awaited: the failed save's tasks report again when they are garbage collected, as late
+    as the interpreter's exit."""
 
-    def __init__(self):
+    LOGGERS = ("absl", "asyncio")  # Orbax logs through absl
+
+    def __init__(self, directory: Path):
         super().__init__()
+        self._directory = str(directory)
+        self._failed = False
         self._previous_hook = sys.unraisablehook
-        logging.getLogger("absl").addFilter(self)  # Orbax logs through absl
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
         sys.unraisablehook = self._unraisable
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.exc_info
-                    and "orbax" in Path(record.pathname).parts)
+        error, tb = record.exc_info[1:] if record.exc_info else (None, None)
+        if error is not None and self._directory in str(error):
+            return False
+        while tb is not None:
+            if "orbax" in Path(tb.tb_frame.f_code.co_filename).parts:
+                return False
+            tb = tb.tb_next
+        return True
 
     def _unraisable(self, info) -> None:
         if not (isinstance(info.exc_value, RuntimeError)
                 and str(info.exc_value) == "Event loop is closed"):
             self._previous_hook(info)
 
+    def save_failed(self) -> None:
+        self._failed = True
+        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+
     def remove(self) -> None:
-        logging.getLogger("absl").removeFilter(self)
+        if self._failed:
+            return
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
         if sys.unraisablehook == self._unraisable:
             sys.unraisablehook = self._previous_hook
 
@@ -66,7 +89,7 @@ class Checkpointer:
                                               item_names=("state", "meta"))
         self._in_flight: int | None = None  # the step of an asynchronous save not yet waited on
         self._state_bytes: int | None = None  # the size of the state saved
-        self._echoes = _FailedSaveEchoes()
+        self._echoes = _FailedSaveEchoes(self.directory)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -95,6 +118,7 @@ class Checkpointer:
         try:
             yield
         except (OSError, ValueError) as e:  # tensorstore's I/O errors are ValueErrors
+            self._echoes.save_failed()
             last = self._manager.latest_step()  # only a complete save is renamed into place
             raise save_failed(step, e, None if last is None else self.directory / str(last),
                               directory=self.directory, needed_bytes=self._state_bytes) from e
