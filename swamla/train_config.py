@@ -134,8 +134,9 @@ class TrainConfig:
     # ---- evaluation, checkpoints, logging
     output_dir: str = _f("out", "io", "checkpoints, train_config.json, metrics.jsonl, plots")
     resume: str = _f("auto", "io", "auto (latest checkpoint in output_dir if any), none, or a "
-                     "training state to start from (a PyTorch checkpoint, or a JAX run's "
-                     "export-jax) in an output_dir that holds no checkpoints yet")
+                     "training state to start from in an output_dir that holds no checkpoints "
+                     "yet: a PyTorch checkpoint, a JAX run's export-jax, or an earlier PyTorch "
+                     "run's output_dir (its newest checkpoint)")
     eval_interval: int = _f(1000, "io", "steps between validation evaluations")
     eval_iters: int = _f(20, "io", "validation batches per evaluation")
     save_interval: int = _f(1000, "io", "steps between checkpoints")
@@ -486,12 +487,54 @@ def check_resumed_model(saved: ModelConfig, current: ModelConfig, where: str) ->
             f"{RUN_CONFIG_NAME}), or start a new run in another --output_dir")
 
 
+def resume_source(resume: str) -> Path:
+    """The training state an explicit ``--resume PATH`` starts from, the same for both trainers:
+    PATH when it is one (a PyTorch checkpoint, export-jax's output), else the newest one in an
+    earlier run's output_dir or its checkpoints/ folder. A JAX run's checkpoints are Orbax
+    directories, not training states: the error names the export that makes one."""
+    from swamla.train_state import is_train_state  # safetensors: only when resuming
+
+    path = Path(resume)
+    if is_train_state(path):
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    children = sorted(folder.iterdir()) if folder.is_dir() else []
+    states = [p for p in children if not p.name.startswith(".") and is_train_state(p)]
+    if states:  # step_00000004 (PyTorch) and any name ending in its step: the newest step
+        return max(states, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+    run = _jax_run_of(path)
+    if run is not None:
+        raise ConfigError(
+            f"resume={resume!r} is a JAX run's Orbax checkpoint, not a training state: export one "
+            f"with python -m swamla.train_state export-jax {run} STATE, then --resume STATE (to "
+            f"continue that run itself, launch it with --output_dir {run} --resume auto)")
+    raise ConfigError(f"resume={resume!r} is neither a training state (a directory with "
+                      "trainer_state.json: a PyTorch checkpoint or the output of python -m "
+                      "swamla.train_state export-jax) nor a run's output_dir holding such "
+                      "checkpoints")
+
+
+def _jax_run_of(path: Path) -> Path | None:
+    """The JAX run whose Orbax checkpoints ``path`` names (its output_dir, its checkpoints/
+    folder or one step of it: digit-named folders holding ``state``), else None."""
+    runs = [path] + [p.parent for p in (path, path.parent) if p.name == "checkpoints"]
+    for run in runs:
+        folder = run / "checkpoints"
+        if folder.is_dir() and any(c.name.isdigit() and (c / "state").is_dir()
+                                   for c in folder.iterdir()):
+            return run
+    return None
+
+
 def check_resumed_state(cfg: TrainConfig, where: str, *, model: ModelConfig, optimizer_type: str,
-                        step: int, params: Mapping[str, Any] | None = None) -> None:
+                        step: int, params: Mapping[str, Any] | None = None,
+                        bf16_moments: bool | None = None) -> None:
     """Every check both trainers make before continuing from a saved state (their own checkpoint
-    or a portable training state at ``where``), before any weight is loaded: the model
-    (``check_resumed_model``), the saved tensors against this run's model when given, the
-    optimizer whose moments were saved, and a step within ``max_iters``."""
+    or a portable training state at ``where``), before any weight is loaded or the run directory
+    is touched: the model (``check_resumed_model``), the saved tensors against this run's model
+    when given, the optimizer whose moments were saved, a step within ``max_iters``, and, when
+    the run continues its own checkpoints, the ``bf16_moments`` it was saved with (a new run
+    started from a training state may change it; None skips the check)."""
     check_resumed_model(model, cfg.model, where)
     if params is not None:
         from swamla.portable import check_tensors  # safetensors and numpy: only when resuming
@@ -500,8 +543,15 @@ def check_resumed_state(cfg: TrainConfig, where: str, *, model: ModelConfig, opt
     if optimizer_type != cfg.optimizer_type:
         raise ConfigError(f"{where} holds {optimizer_type} moments but optimizer_type is "
                           f"{cfg.optimizer_type!r}; resume with --optimizer_type {optimizer_type}")
+    if bf16_moments is not None and bf16_moments != cfg.bf16_moments:
+        raise ConfigError(
+            f"{where} holds the optimizer state of bf16_moments={bf16_moments!r}, this run has "
+            f"{cfg.bf16_moments!r}. Resume with --bf16_moments {str(bf16_moments).lower()}, or "
+            "change it in a new --output_dir started from this state with --resume STATE (a "
+            "JAX run writes STATE with python -m swamla.train_state export-jax RUN_DIR STATE)")
     if step > cfg.max_iters:
-        raise ConfigError(f"{where} is at step {step}, past max_iters {cfg.max_iters}")
+        raise ConfigError(f"{where} is at step {step}, past max_iters {cfg.max_iters}: resume "
+                          f"with --max_iters {step} or more")
 
 
 # -------------------------------------------------------------------- building the parts

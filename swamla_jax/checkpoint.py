@@ -82,7 +82,8 @@ class Checkpointer:
 
     def __init__(self, output_dir: str | Path, keep: int, async_save: bool = True):
         self.directory = Path(output_dir).absolute() / CHECKPOINT_DIR
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
+        # The folder is made by the first save: a run refused at its start leaves nothing.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=False,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)  # of killed saves
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -101,6 +102,7 @@ class Checkpointer:
         self.wait()  # Orbax runs one save at a time; a failure of the previous one is its own
         self._state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
         with self._write_errors(step):
+            self.directory.mkdir(parents=True, exist_ok=True)
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._in_flight = step

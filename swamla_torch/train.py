@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from swamla.config import ConfigError, check_token_ids
+from swamla.config import check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.flops import mfu, peak_flops
@@ -40,8 +40,8 @@ from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
                                  check_resume_target, check_resumed_state, end_of_run_write,
-                                 save_failed)
-from swamla.train_state import is_train_state, load_train_state, save_train_state
+                                 resume_source, save_failed)
+from swamla.train_state import load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
                                      save_checkpoint, set_moments, set_rng_state)
@@ -67,14 +67,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     check_resume_target(cfg.resume, latest, cfg.output_dir)
     if cfg.resume in ("none", "auto"):
         return latest if cfg.resume == "auto" else None
-    path = Path(cfg.resume)
-    if not is_train_state(path):
-        found = latest_checkpoint(path)  # an output_dir of an earlier run
-        if found is None:
-            raise ConfigError(f"resume={cfg.resume!r} is neither a training state (a directory "
-                              "with trainer_state.json) nor an output_dir holding checkpoints")
-        return found
-    return path
+    return resume_source(cfg.resume)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -156,9 +149,11 @@ class _Run:
         self.peak = peak * env.world_size if peak else None
 
     def _check_resume(self, resume) -> None:
+        saved = resume.meta["train_config"] if self.cfg.resume == "auto" else None  # this run's
         check_resumed_state(self.cfg, str(resume.path), model=resume.model_config,
                             optimizer_type=resume.meta["optimizer_type"], step=resume.step,
-                            params=resume.params)
+                            params=resume.params, bf16_moments=None if saved is None else
+                            saved.get("bf16_moments", TrainConfig.bf16_moments))
 
     def _loader(self, split: str):
         env, cfg = self.env, self.cfg

@@ -190,3 +190,79 @@ def test_a_full_disk_at_the_final_export_is_one_line(shards, tmp_path, backend, 
     monkeypatch.setattr(module, EXPORT_WRITER[backend], writer)
     assert main(flags(shards, out), backend=backend) == 0
     assert load_portable(out / "export")[0].n_layer == 2
+
+
+# ------------------------------------------------------------------ resume checks that agree
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    """{backend: output_dir} of one 2-step run of each trainer, checkpoints at steps 1 and 2."""
+    import torch
+
+    from swamla.train_config import parse_args
+
+    root, threads = tmp_path_factory.mktemp("runs"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for backend in ("jax", "torch"):
+            module = __import__(f"swamla_{backend}.train", fromlist=["train"])
+            module.train(parse_args(flags(shards, root / backend, "--save_interval", "1",
+                                          "--no-export_portable")))
+    finally:
+        torch.set_num_threads(threads)
+    return {"jax": root / "jax", "torch": root / "torch"}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_resume_that_would_change_the_run_is_refused_by_both(shards, runs, backend, capsys):
+    """Another bf16_moments, or a max_iters below the checkpoint's step: exit status 2, one line
+    naming the value to resume with, and the run's files as they were."""
+    from swamla.train_cli import main
+
+    out = runs[backend]
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra, message in (
+            (["--bf16_moments", "--max_iters", "4"], r"holds the optimizer state of "
+             r"bf16_moments=False, this run has True\. Resume with --bf16_moments false"),
+            (["--max_iters", "1"], r"is at step 2, past max_iters 1: resume with --max_iters 2 "
+             r"or more")):
+        assert main(flags(shards, out, "--no-export_portable", *extra), backend=backend) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(message, err), err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_resume_takes_the_same_forms_in_both_trainers(shards, runs, backend, tmp_path,
+                                                      one_torch_thread):
+    """--resume PATH: a training state, or an earlier run's output_dir or checkpoints/ folder
+    (its newest state), in either trainer; a JAX run's Orbax checkpoints are refused by both
+    with the export that makes a training state of them."""
+    import importlib
+
+    from swamla.config import ConfigError
+    from swamla.metrics import read_metrics
+    from swamla.train_config import parse_args
+
+    train = importlib.import_module(f"swamla_{backend}.train").train
+    out = tmp_path / "moved"
+    result = train(parse_args(flags(shards, out, "--max_iters", "3", "--no-export_portable",
+                                    "--resume", str(runs["torch"]))))
+    assert result["step"] == 3
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [3]
+    jax_run = runs["jax"]
+    for form in (jax_run, jax_run / "checkpoints", jax_run / "checkpoints" / "2"):
+        with pytest.raises(ConfigError, match=rf"resume='{form}' is a JAX run's Orbax checkpoint, "
+                           rf"not a training state: export one with python -m swamla.train_state "
+                           rf"export-jax {jax_run} STATE, then --resume STATE"):
+            train(parse_args(flags(shards, tmp_path / "refused", "--resume", str(form))))
+    with pytest.raises(ConfigError, match=r"is neither a training state .* nor a run's "
+                       "output_dir holding such checkpoints"):
+        train(parse_args(flags(shards, tmp_path / "refused", "--resume", str(tmp_path))))
+    assert not (tmp_path / "refused").exists()
+
+    from swamla.train_config import resume_source  # what both trainers resolve PATH with
+
+    torch_ckpts = runs["torch"] / "checkpoints"
+    for form in (runs["torch"], torch_ckpts, torch_ckpts / "step_00000002"):
+        assert resume_source(str(form)) == torch_ckpts / "step_00000002"
+    assert resume_source(str(torch_ckpts / "step_00000001")) == torch_ckpts / "step_00000001"
