@@ -147,6 +147,45 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def test_a_full_disk_at_a_pytorch_checkpoint_is_one_line(shards, tmp_path, monkeypatch, capsys,
+                                                         one_torch_thread):
+    """The file system refuses large files from the second save on (the JAX trainer's case is in
+    tests/test_jax_train.py): one line naming the step, the space and the intact checkpoint, from
+    which the run then resumes."""
+    import resource
+
+    import swamla_torch.train as module
+    from swamla.train_cli import main
+
+    save, saves = module.save_checkpoint, []
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def second_save_on_a_full_disk(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
+        try:
+            return save(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+    out, argv = tmp_path / "run", flags(shards, tmp_path / "run", "--max_iters", "3",
+                                        "--save_interval", "1", "--no-export_portable")
+    monkeypatch.setattr(module, "save_checkpoint", second_save_on_a_full_disk)
+    assert main(argv, backend="torch") == 1
+    err = capsys.readouterr().err
+    ckpts = out / "checkpoints"
+    assert err.count("\n") == 1 and re.fullmatch(
+        rf"error: could not save the checkpoint of step 2 in {ckpts}: File too large \(errno 27\): "
+        rf"it needs about [\d.]+ MiB, [\d.]+ [MG]iB free there\. The last good checkpoint, "
+        rf"{ckpts / 'step_00000001'}, is intact: free space \(or point --output_dir elsewhere\) "
+        r"and resume with --resume auto\n", err), err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001"]
+    monkeypatch.setattr(module, "save_checkpoint", save)
+    assert main(argv, backend="torch") == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
+
+
 EXPORT_WRITER = {"jax": "save_pretrained", "torch": "save_portable"}
 
 
