@@ -3,7 +3,8 @@ Hugging Face Hub (``--push_to_hub REPO``); docs/hf.md.
 
 Framework-free: the trainers call ``check_run_export`` before training, so a run that could not
 write or push its export fails before it spends any compute, and ``swamla_torch.hf.export.
-export_run`` at the end. ``huggingface_hub`` is imported only when a push is asked for.
+export_run`` at the end. ``huggingface_hub`` is imported only when a push is asked for, and each
+call of the push runs under a deadline (``swamla.network``), so a stalled hub is one error.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import os
 from pathlib import Path
 
 from swamla.config import ConfigError
+from swamla.network import HubTimeout, hub_timeout, within_deadline
 from swamla.train_config import TrainingError
 
 EXPORT_HF_DIR = "export_hf"  # under output_dir
 HF_PACKAGES = ("torch", "transformers")
+# The average rate below which an upload counts as stalled: its deadline is the hub timeout plus
+# one second per MiB.
+MIN_UPLOAD_BYTES_PER_S = 1 << 20
 
 
 def wants_hf_export(cfg) -> bool:
@@ -82,20 +87,31 @@ def check_push(repo_id: str, directory: Path, *, written: bool) -> None:
                             f"`hf auth login` or set HF_TOKEN; {later}")
 
 
-def push_export(directory: str | Path, repo_id: str) -> str:
+def push_export(directory: str | Path, repo_id: str, *, timeout: float | None = None) -> str:
     """Upload the export at ``directory`` to the Hub model repo ``repo_id`` (created if missing);
-    returns the commit URL. Every failure is one TrainingError line naming what to do."""
+    returns the commit URL. Every failure is one TrainingError line naming what to do; a call
+    that outlasts ``timeout`` seconds (``swamla.network.hub_timeout()`` when None; the upload gets
+    one more second per MiB) is one of them."""
     directory = Path(directory)
     check_push(repo_id, directory, written=True)
     hub = _hub()
     api = hub.HfApi()
-    # OSError covers the Hub's HTTP errors (refused id, no write access) and being offline;
-    # ValueError an id the client rejects; errors.HTTPError is the HTTP client's own base class
-    # (connection refused, timeouts), which huggingface_hub raises unwrapped.
+    seconds = hub_timeout() if timeout is None else timeout
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    # OSError covers the Hub's HTTP errors (refused id, no write access), being offline and a
+    # deadline passed (HubTimeout); ValueError an id the client rejects; errors.HTTPError is the
+    # HTTP client's own base class (connection refused), which huggingface_hub raises unwrapped.
     try:
-        api.create_repo(repo_id, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
-                                   commit_message="Upload SWA-MLA transformers export")
+        within_deadline(lambda: api.create_repo(repo_id, repo_type="model", exist_ok=True),
+                        what=f"creating the Hub repo {repo_id!r}", seconds=seconds)
+        commit = within_deadline(
+            lambda: api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model",
+                                      commit_message="Upload SWA-MLA transformers export"),
+            what=f"uploading {directory} ({size / 2**20:.1f} MiB) to the Hub repo {repo_id!r}",
+            seconds=seconds + size / MIN_UPLOAD_BYTES_PER_S)
+    except HubTimeout as e:
+        raise TrainingError(f"could not push to the Hub repo {repo_id!r}: {e}; "
+                            f"{_later(directory, repo_id, True)}") from e
     except (OSError, ValueError, hub.errors.HTTPError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise TrainingError(f"could not push to the Hub repo {repo_id!r} ({type(e).__name__}: "

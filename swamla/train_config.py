@@ -11,18 +11,21 @@ keeps the original project's flag names working. Precedence: defaults < ``--conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import errno
 import importlib
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from swamla.config import (ConfigError, ModelConfig, preset_path, read_json,
                            require_float, require_int)
@@ -134,8 +137,9 @@ class TrainConfig:
     # ---- evaluation, checkpoints, logging
     output_dir: str = _f("out", "io", "checkpoints, train_config.json, metrics.jsonl, plots")
     resume: str = _f("auto", "io", "auto (latest checkpoint in output_dir if any), none, or a "
-                     "training state to start from (a PyTorch checkpoint, or a JAX run's "
-                     "export-jax) in an output_dir that holds no checkpoints yet")
+                     "training state to start from in an output_dir that holds no checkpoints "
+                     "yet: a PyTorch checkpoint, a JAX run's export-jax, or an earlier PyTorch "
+                     "run's output_dir (its newest checkpoint)")
     eval_interval: int = _f(1000, "io", "steps between validation evaluations")
     eval_iters: int = _f(20, "io", "validation batches per evaluation")
     save_interval: int = _f(1000, "io", "steps between checkpoints")
@@ -328,12 +332,93 @@ class TrainingError(RuntimeError):
     """A run cannot go on (e.g. too many non-finite steps in a row); its checkpoints are kept."""
 
 
-def save_failed(step: int | None, reason: str, last_good: Any) -> TrainingError:
-    """The error of a checkpoint that could not be written (a full disk): both trainers write
-    into a temporary that only a complete save replaces, so ``last_good`` is intact."""
-    return TrainingError(f"could not save the checkpoint of step {step}: {reason}. The last good "
-                         f"checkpoint, {last_good or 'none'}, is intact: free space (or point "
-                         "--output_dir elsewhere) and resume with --resume auto")
+# The errors of a write that more space would have let through.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Where a library reports the OS error of a failed write in its text: Python's OSError, Rust's
+# io::Error (safetensors), tensorstore's status (Orbax).
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)|os_error_code='?(\d+)")
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The OS error number behind ``error`` or its causes, when one is known."""
+    while error is not None:
+        if isinstance(getattr(error, "errno", None), int):
+            return error.errno
+        found = _ERRNO_IN_TEXT.search(str(error))
+        if found:
+            return int(next(g for g in found.groups() if g))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _tree_bytes(path: Any) -> int | None:
+    """The bytes of the files under ``path`` (a last good checkpoint), None if there is none."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def write_failure(error: BaseException, where: str | Path, needed_bytes: int | None) -> str:
+    """Why a write under ``where`` failed, in one line: the OS's reason, and for a full disk the
+    space the write needs (when known) and the space free there."""
+    number = _errno_of(error)
+    if number is None:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = lines[0] if len(lines[0]) <= 300 else "..." + lines[0][-300:]
+        return f"{type(error).__name__}: {reason}"
+    reason = f"{os.strerror(number)} (errno {number})"
+    if number not in DISK_FULL_ERRNOS:
+        return reason
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = f"it needs about {_size(needed_bytes)}, " if needed_bytes else ""
+    return f"{reason}: {need}{_size(free)} free there"
+
+
+def _fix(error: BaseException) -> str:
+    return ("free space (or point --output_dir elsewhere)" if _errno_of(error) in DISK_FULL_ERRNOS
+            else "fix that")
+
+
+def save_failed(step: int | None, error: BaseException, last_good: Any, *,
+                directory: str | Path, needed_bytes: int | None = None) -> TrainingError:
+    """The error of a checkpoint that could not be written into ``directory`` (a full disk):
+    both trainers write into a temporary that only a complete save replaces, so ``last_good`` is
+    intact. ``needed_bytes`` defaults to the size of ``last_good``."""
+    needed = needed_bytes or _tree_bytes(last_good)
+    return TrainingError(f"could not save the checkpoint of step {step} in {directory}: "
+                         f"{write_failure(error, directory, needed)}. The last good checkpoint, "
+                         f"{last_good or 'none'}, is intact: {_fix(error)} and resume with "
+                         "--resume auto")
+
+
+@contextlib.contextmanager
+def end_of_run_write(what: str, path: str | Path, cfg: "TrainConfig", checkpoint: Any, *,
+                     needed_bytes: int | None = None) -> Iterator[None]:
+    """Report a write after the last checkpoint (the loss plot, the exports) that fails on an
+    OSError (a full disk) as one TrainingError line: the trained weights are safe in
+    ``checkpoint`` (or the run's checkpoints when None), and launching the run again writes
+    only what is missing."""
+    try:
+        yield
+    except OSError as e:
+        kept = checkpoint or Path(cfg.output_dir) / "checkpoints"
+        again = ("launch the run again: it resumes at its last step, trains nothing and writes "
+                 "the end-of-run files")
+        fix = (f"free space, then {again} (or write the export elsewhere: swamla-convert "
+               f"{cfg.output_dir} DST --to portable)" if _errno_of(e) in DISK_FULL_ERRNOS
+               else f"fix that, then {again}")
+        raise TrainingError(f"could not write the {what} {path}: "
+                            f"{write_failure(e, path, needed_bytes)}. The trained weights are "
+                            f"safe in {kept}: {fix}") from e
 
 
 # -------------------------------------------------------------------- resuming
@@ -405,12 +490,54 @@ def check_resumed_model(saved: ModelConfig, current: ModelConfig, where: str) ->
             f"{RUN_CONFIG_NAME}), or start a new run in another --output_dir")
 
 
+def resume_source(resume: str) -> Path:
+    """The training state an explicit ``--resume PATH`` starts from, the same for both trainers:
+    PATH when it is one (a PyTorch checkpoint, export-jax's output), else the newest one in an
+    earlier run's output_dir or its checkpoints/ folder. A JAX run's checkpoints are Orbax
+    directories, not training states: the error names the export that makes one."""
+    from swamla.train_state import is_train_state  # safetensors: only when resuming
+
+    path = Path(resume)
+    if is_train_state(path):
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    children = sorted(folder.iterdir()) if folder.is_dir() else []
+    states = [p for p in children if not p.name.startswith(".") and is_train_state(p)]
+    if states:  # step_00000004 (PyTorch) and any name ending in its step: the newest step
+        return max(states, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+    run = _jax_run_of(path)
+    if run is not None:
+        raise ConfigError(
+            f"resume={resume!r} is a JAX run's Orbax checkpoint, not a training state: export one "
+            f"with python -m swamla.train_state export-jax {run} STATE, then --resume STATE (to "
+            f"continue that run itself, launch it with --output_dir {run} --resume auto)")
+    raise ConfigError(f"resume={resume!r} is neither a training state (a directory with "
+                      "trainer_state.json: a PyTorch checkpoint or the output of python -m "
+                      "swamla.train_state export-jax) nor a run's output_dir holding such "
+                      "checkpoints")
+
+
+def _jax_run_of(path: Path) -> Path | None:
+    """The JAX run whose Orbax checkpoints ``path`` names (its output_dir, its checkpoints/
+    folder or one step of it: digit-named folders holding ``state``), else None."""
+    runs = [path] + [p.parent for p in (path, path.parent) if p.name == "checkpoints"]
+    for run in runs:
+        folder = run / "checkpoints"
+        if folder.is_dir() and any(c.name.isdigit() and (c / "state").is_dir()
+                                   for c in folder.iterdir()):
+            return run
+    return None
+
+
 def check_resumed_state(cfg: TrainConfig, where: str, *, model: ModelConfig, optimizer_type: str,
-                        step: int, params: Mapping[str, Any] | None = None) -> None:
+                        step: int, params: Mapping[str, Any] | None = None,
+                        bf16_moments: bool | None = None) -> None:
     """Every check both trainers make before continuing from a saved state (their own checkpoint
-    or a portable training state at ``where``), before any weight is loaded: the model
-    (``check_resumed_model``), the saved tensors against this run's model when given, the
-    optimizer whose moments were saved, and a step within ``max_iters``."""
+    or a portable training state at ``where``), before any weight is loaded or the run directory
+    is touched: the model (``check_resumed_model``), the saved tensors against this run's model
+    when given, the optimizer whose moments were saved, a step within ``max_iters``, and, when
+    the run continues its own checkpoints, the ``bf16_moments`` it was saved with (a new run
+    started from a training state may change it; None skips the check)."""
     check_resumed_model(model, cfg.model, where)
     if params is not None:
         from swamla.portable import check_tensors  # safetensors and numpy: only when resuming
@@ -419,8 +546,15 @@ def check_resumed_state(cfg: TrainConfig, where: str, *, model: ModelConfig, opt
     if optimizer_type != cfg.optimizer_type:
         raise ConfigError(f"{where} holds {optimizer_type} moments but optimizer_type is "
                           f"{cfg.optimizer_type!r}; resume with --optimizer_type {optimizer_type}")
+    if bf16_moments is not None and bf16_moments != cfg.bf16_moments:
+        raise ConfigError(
+            f"{where} holds the optimizer state of bf16_moments={bf16_moments!r}, this run has "
+            f"{cfg.bf16_moments!r}. Resume with --bf16_moments {str(bf16_moments).lower()}, or "
+            "change it in a new --output_dir started from this state with --resume STATE (a "
+            "JAX run writes STATE with python -m swamla.train_state export-jax RUN_DIR STATE)")
     if step > cfg.max_iters:
-        raise ConfigError(f"{where} is at step {step}, past max_iters {cfg.max_iters}")
+        raise ConfigError(f"{where} is at step {step}, past max_iters {cfg.max_iters}: resume "
+                          f"with --max_iters {step} or more")
 
 
 # -------------------------------------------------------------------- building the parts

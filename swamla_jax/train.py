@@ -38,8 +38,9 @@ from swamla.portable import remove_stale_temporaries
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
-                                 check_resume_target, check_resumed_state)
-from swamla.train_state import is_train_state, load_train_state, save_train_state
+                                 check_resume_target, check_resumed_state, end_of_run_write,
+                                 resume_source)
+from swamla.train_state import load_train_state, save_train_state
 from swamla_jax import sharding
 from swamla_jax.checkpoint import Checkpointer, abstract_with_shardings
 from swamla_jax.convert import (Model, from_portable_tensors, init_params, save_pretrained,
@@ -258,13 +259,7 @@ def _resolve_resume(cfg: TrainConfig, ckpt: Checkpointer) -> int | Path | None:
     check_resume_target(cfg.resume, None if latest is None else f"step {latest}", ckpt.directory)
     if cfg.resume in ("none", "auto"):
         return latest if cfg.resume == "auto" else None
-    path = Path(cfg.resume)
-    if not is_train_state(path):
-        raise ConfigError(f"resume={cfg.resume!r} is not a portable training state (a directory "
-                          "with trainer_state.json, e.g. a PyTorch checkpoint or the output of "
-                          "python -m swamla.train_state export-jax); to continue a JAX run point "
-                          "--output_dir at it and use --resume auto")
-    return path
+    return resume_source(cfg.resume)
 
 
 def _start(trainer: Trainer, ckpt: Checkpointer, train_loader, val_loader):
@@ -293,22 +288,14 @@ def _start(trainer: Trainer, ckpt: Checkpointer, train_loader, val_loader):
 
 
 def _check_same_run(meta: Mapping[str, Any], cfg: TrainConfig, where: Path) -> None:
-    """The checks of ``check_resumed_state``, and the optimizer state's layout, which a run
-    resumed from its own checkpoints keeps (Orbax restores a tree of the saved structure and
-    shapes, nothing else)."""
+    """The checks of ``check_resumed_state`` for a run continuing its own checkpoints (Orbax
+    restores a tree of the saved structure: the optimizer and its moments' dtype stay)."""
     saved = meta["train_config"]
-    for name in ("optimizer_type", "bf16_moments"):
-        was = saved.get(name, getattr(TrainConfig, name))
-        if was != getattr(cfg, name):
-            raise ConfigError(
-                f"{where} holds the optimizer state of {name}={was!r}, this run has "
-                f"{getattr(cfg, name)!r}. Resume with {name}={was!r}, or change it through a "
-                f"training state: python -m swamla.train_state export-jax {where.parent.parent} "
-                "STATE, then train with --resume STATE in a new --output_dir")
     check_resumed_state(cfg, str(where), model=ModelConfig.from_dict(saved["model"],
                                                                      source=str(where)),
                         optimizer_type=saved.get("optimizer_type", TrainConfig.optimizer_type),
-                        step=int(meta["step"]))
+                        step=int(meta["step"]),
+                        bf16_moments=saved.get("bf16_moments", TrainConfig.bf16_moments))
 
 
 def import_train_state(trainer: Trainer, path: Path):
@@ -388,8 +375,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh_shape(jax.device_count()))
     out = Path(cfg.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
     rows = _process_rows(cfg, mesh)
     T, k, vocab = cfg.model.block_size, cfg.gradient_accumulation_steps, cfg.model.vocab_size
     loader_kw = dict(batch_size=rows, block_size=T, seed=cfg.seed,
@@ -407,6 +392,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 closable.close()
             raise
         if is_main:  # only now: a run that cannot start leaves the run directory as it was
+            out.mkdir(parents=True, exist_ok=True)
             cfg.save_to_run(out)
             for path in remove_stale_temporaries(out):  # of an export killed mid-save
                 log.info("removed %s, left by a save that was killed", path)
@@ -511,23 +497,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             val_loader.close()
             logger.close()
         plot = export = export_hf = None
+        kept = None if saved is None else ckpt.directory / str(saved)
         if is_main and logger.path.is_file():
             try:
-                plot = plot_metrics(logger.path, out / PLOT_FILE)
+                with end_of_run_write("loss plot", out / PLOT_FILE, cfg, kept):
+                    plot = plot_metrics(logger.path, out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 log.info("no plot: %s", e)
         if (cfg.export_portable or wants_hf_export(cfg)) and step >= cfg.max_iters:
             params = multihost_utils.process_allgather(state.params, tiled=True)
             if is_main and cfg.export_portable:
-                export = save_pretrained(Model(trainer.module, params), out / "export")
+                with end_of_run_write("portable export", out / "export", cfg, kept,
+                                      needed_bytes=4 * n_params):
+                    export = save_pretrained(Model(trainer.module, params), out / "export")
             if is_main and wants_hf_export(cfg):
+                from swamla.hub import EXPORT_HF_DIR
                 from swamla_torch.hf.export import export_run  # imports torch and transformers
 
-                export_hf = export_run(cfg, to_portable_tensors(cfg.model, params), out)
+                with end_of_run_write("transformers export", out / EXPORT_HF_DIR, cfg, kept,
+                                      needed_bytes=4 * n_params):
+                    export_hf = export_run(cfg, to_portable_tensors(cfg.model, params), out)
                 log.info("wrote the transformers export %s", export_hf)
         return run_result(step=step, skipped_steps=skipped_total, train=last,
                           evaluation=last_eval, stopped_early=bool(stopped_early),
-                          checkpoint=None if saved is None else ckpt.directory / str(saved),
+                          checkpoint=kept,
                           export=export, export_hf=export_hf, plot=plot)
 
 

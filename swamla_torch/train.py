@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from swamla.config import ConfigError, check_token_ids
+from swamla.config import check_token_ids
 from swamla.layout import count_params
 from swamla.data import DataError, build_loader, merge_states
 from swamla.data.packing import document_targets
@@ -40,8 +40,9 @@ from swamla.portable import CheckpointError, remove_stale_temporaries, save_port
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
-                                 check_resume_target, check_resumed_state, save_failed)
-from swamla.train_state import is_train_state, load_train_state, save_train_state
+                                 check_resume_target, check_resumed_state, end_of_run_write,
+                                 resume_source, save_failed)
+from swamla.train_state import load_train_state, save_train_state
 from swamla_torch import distributed
 from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
                                      save_checkpoint, set_moments, set_rng_state)
@@ -67,14 +68,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     check_resume_target(cfg.resume, latest, cfg.output_dir)
     if cfg.resume in ("none", "auto"):
         return latest if cfg.resume == "auto" else None
-    path = Path(cfg.resume)
-    if not is_train_state(path):
-        found = latest_checkpoint(path)  # an output_dir of an earlier run
-        if found is None:
-            raise ConfigError(f"resume={cfg.resume!r} is neither a training state (a directory "
-                              "with trainer_state.json) nor an output_dir holding checkpoints")
-        return found
-    return path
+    return resume_source(cfg.resume)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -156,9 +150,11 @@ class _Run:
         self.peak = peak * env.world_size if peak else None
 
     def _check_resume(self, resume) -> None:
+        saved = resume.meta["train_config"] if self.cfg.resume == "auto" else None  # this run's
         check_resumed_state(self.cfg, str(resume.path), model=resume.model_config,
                             optimizer_type=resume.meta["optimizer_type"], step=resume.step,
-                            params=resume.params)
+                            params=resume.params, bf16_moments=None if saved is None else
+                            saved.get("bf16_moments", TrainConfig.bf16_moments))
 
     def _loader(self, split: str):
         env, cfg = self.env, self.cfg
@@ -240,7 +236,8 @@ class _Run:
                                    step=self.step, bad_steps=self.bad_total,
                                    data_state=merge_states(states))
         except (OSError, CheckpointError) as e:  # e.g. a full disk; the partial save is removed
-            raise save_failed(self.step, str(e), latest_checkpoint(self.out)) from e
+            raise save_failed(self.step, e, latest_checkpoint(self.out),
+                              directory=checkpoint_dir(self.out, self.step).parent) from e
         self._say(f"saved checkpoint {path}")
         return path
 
@@ -251,13 +248,19 @@ class _Run:
         if not self.env.is_main:
             return None, None
         portable = hf = None
+        kept, weights = latest_checkpoint(self.out), 4 * self.n_params  # float32 exports
         if self.cfg.export_portable:
-            portable = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
+            with end_of_run_write("portable export", self.out / EXPORT_DIR, self.cfg, kept,
+                                  needed_bytes=weights):
+                portable = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
             self._say(f"exported portable checkpoint {portable}")
         if wants_hf_export(self.cfg):
+            from swamla.hub import EXPORT_HF_DIR
             from swamla_torch.hf.export import export_run  # imports transformers
 
-            hf = export_run(self.cfg, tensors, self.out)
+            with end_of_run_write("transformers export", self.out / EXPORT_HF_DIR, self.cfg, kept,
+                                  needed_bytes=weights):
+                hf = export_run(self.cfg, tensors, self.out)
             self._say(f"wrote the transformers export {hf}")
         return portable, hf
 
@@ -336,7 +339,8 @@ class _Run:
                 self.val_loader.close()
         if env.is_main and logger.path.is_file():
             try:
-                plot = plot_metrics(logger.path, self.out / PLOT_FILE)
+                with end_of_run_write("loss plot", self.out / PLOT_FILE, cfg, checkpoint):
+                    plot = plot_metrics(logger.path, self.out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 self._say(f"no plot: {e}")
         # after the plot: a push that fails (TrainingError) leaves every local file written

@@ -362,8 +362,9 @@ def test_a_failed_save_names_the_checkpoint_that_is_intact(shards, tmp_path, mon
 
     monkeypatch.setattr(train_mod, "save_checkpoint", disk_full_on_second_save)
     cfg = make_cfg(shards, tmp_path / "run", eval_interval=100, export_portable=False)
-    with pytest.raises(TrainingError, match=r"checkpoint of step 6: \[Errno 28\] No space left "
-                       r"on device\. The last good checkpoint, .*step_00000003, is intact"):
+    with pytest.raises(TrainingError, match=r"checkpoint of step 6 in .*checkpoints: No space left "
+                       r"on device \(errno 28\): it needs about [\d.]+ MiB, .* free there\. The "
+                       r"last good checkpoint, .*step_00000003, is intact: free space"):
         train(cfg)
 
 

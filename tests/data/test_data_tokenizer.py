@@ -33,7 +33,7 @@ def test_bundled_files_ship_with_swamla(monkeypatch):
 
 def test_offline_is_fast_and_logged(caplog):
     assert not hub_reachable()
-    with caplog.at_level("WARNING", logger="swamla.tokenizer"):
+    with caplog.at_level("INFO", logger="swamla.tokenizer"):
         tok = load_tokenizer("gpt2")
     assert tok.name == "openai-community/gpt2"
     assert "bundled" in caplog.text
