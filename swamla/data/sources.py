@@ -12,9 +12,10 @@ in which no document hashes that low (a few dozen documents at 0.5%) holds out i
 instead, when it has two or more. The split depends only on the text, so it is the same for every
 seed, epoch order, process count and for ``prepare``.
 
-Streamed sources are read in windows of ``shuffle_buffer`` records, each shuffled on its own
-(seed, epoch, window); the ``datasets`` position at each window's start is kept, so a restart
-opens the stream there (``IterableDataset.load_state_dict``) and re-reads at most one window.
+Streamed sources are read shard (file) by shard, in a seeded shard order per epoch, and in
+windows of ``shuffle_buffer`` records, each shuffled on its own (seed, epoch, window). The position
+of each window's start (shard, record in it) is kept, so a restart opens that shard
+(``IterableDataset.shard``) and skips within it, instead of re-reading the stream from its start.
 
 ``datasets`` is imported lazily, so the pre-tokenized shard path works without it.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -254,7 +254,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 class StreamingSource:
     """A ``datasets`` streaming (IterableDataset) source: FineWeb-Edu, or local files streamed.
 
-    ``opener(epoch)`` opens the epoch's stream (``epoch=None``: the files in the order given).
+    ``opener(epoch)`` opens the stream (``epoch=None``: read in the order given, for ``texts``).
     Records are read in windows of ``window`` records by a background thread; each window is
     shuffled with (seed, epoch, window index), and the stream's position at its start is kept in
     ``positions`` (the module docstring). Transient network errors reopen the stream at the
@@ -274,8 +274,8 @@ class StreamingSource:
 
     # ------------------------------------------------------------------ positions
     def position(self, epoch: int, raw: int) -> list | None:
-        """``[epoch, window start, datasets state]`` of the window holding record ``raw``, or
-        None if that window's position is unknown (the stream cannot seek)."""
+        """``[epoch, window start, [shard position, record in shard]]`` of the window holding
+        record ``raw``, or None if that window's position is unknown (the stream cannot seek)."""
         start = raw - raw % self.window
         state = self.positions.get((epoch, start))
         return None if state is None else [epoch, start, state]
@@ -376,31 +376,21 @@ class StreamingSource:
             return False
 
         lo, failures = begin, 0
-        skip = 0 if state is not None else begin  # no position: replay up to begin
         while not stop.is_set():
             try:
-                ds = self.opener(epoch)
-                seekable = hasattr(ds, "state_dict")
-                if state is not None:
-                    ds.load_state_dict(state)
-                records = iter(ds)
-                for _ in range(skip):
-                    if next(records, None) is None:
-                        break
-                    beat[0] = time.monotonic()
+                records = self._records(epoch, state, 0 if state is not None else lo, beat)
                 while True:
-                    # JSON round trip: a deep copy that is sure to fit the checkpoint's metadata
-                    state = json.loads(json.dumps(ds.state_dict())) if seekable else None
-                    window = []
-                    for record in records:
+                    window, state = [], None
+                    for where, record in records:
+                        state = state or where
                         window.append(record)
                         beat[0] = time.monotonic()
                         if len(window) == self.window:
                             break
-                    failures, skip = 0, 0
+                    failures = 0
                     if not put((lo, state, window)) or len(window) < self.window:
                         return
-                    lo += len(window)
+                    lo, state = lo + len(window), None
             except UnicodeDecodeError as e:
                 put(_read_error(self.label, e))
                 return
@@ -410,14 +400,39 @@ class StreamingSource:
                     put(DataError(f"{self.label}: stream failed {failures} times in a row at "
                                   f"record {lo} ({e}). {_OFFLINE_HINT}"))
                     return
-                skip = 0 if state is not None else lo
                 delay = 2.0 ** (failures - 1)
                 logger.warning("%s: %s at record %d; retrying in %.0f s (%d/%d)", self.label,
                                e, lo, delay, failures, _STREAM_RETRIES)
                 stop.wait(delay)
+                state = self.positions.get((epoch, lo)) if epoch is not None else None
             except BaseException as e:  # handed to the consumer, which raises it
                 put(e)
                 return
+
+    def _records(self, epoch, state, skip: int, beat: list):
+        """``([shard position, record in shard], record)`` from ``state`` (None: the start,
+        then ``skip`` records are read and dropped: the replay of a source that cannot seek).
+        The shards (files) of a shuffled epoch come in a seeded order."""
+        ds = self.opener(epoch)
+        n = getattr(ds, "num_shards", None) or getattr(ds, "n_shards", None)
+        if not n or not hasattr(ds, "shard"):  # cannot seek: one stream, no positions
+            for i, record in enumerate(ds):
+                if i >= skip:
+                    yield None, record
+                beat[0] = time.monotonic()
+            return
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                 if self.shuffle and epoch is not None else np.arange(n))
+        first, within = state if state is not None else (0, 0)
+        for k in range(first, n):
+            part = ds.shard(num_shards=n, index=int(order[k]), contiguous=True)
+            start = within if k == first else 0
+            for j, record in enumerate(part.skip(start) if start else part, start=start):
+                if skip:
+                    skip -= 1
+                    beat[0] = time.monotonic()
+                    continue
+                yield [k, j], record
 
 
 def fineweb_source(cfg: DataConfig, *, shuffle: bool, seed: int) -> StreamingSource:
@@ -437,8 +452,7 @@ def fineweb_source(cfg: DataConfig, *, shuffle: bool, seed: int) -> StreamingSou
 
 def local_stream_source(paths: list[Path], cfg: DataConfig, *, shuffle: bool,
                         seed: int) -> StreamingSource:
-    """Local files through ``datasets``' streaming mode (the FineWeb machinery, no Arrow copy);
-    a shuffled source visits the files in a new seeded order each epoch."""
+    """Local files through ``datasets``' streaming mode (the FineWeb machinery, no Arrow copy)."""
     builders = {BUILDERS[p.suffix] for p in paths}
     if len(builders) > 1:
         raise DataError(f"streaming local files needs one file type, got {sorted(builders)} in "
@@ -446,11 +460,10 @@ def local_stream_source(paths: list[Path], cfg: DataConfig, *, shuffle: bool,
     builder, kwargs = _builder_kwargs(paths[0], cfg)
     datasets = _datasets()
 
+    kwargs["data_files"] = [str(p) for p in paths]
+
     def opener(epoch):
-        order = (np.random.default_rng([seed, epoch]).permutation(len(paths))
-                 if shuffle and epoch is not None else range(len(paths)))
-        return datasets.load_dataset(builder, streaming=True,
-                                     **{**kwargs, "data_files": [str(paths[i]) for i in order]})
+        return datasets.load_dataset(builder, streaming=True, **kwargs)
     return StreamingSource(opener, label=", ".join(map(str, paths)),
                            field="text" if builder == "text" else cfg.text_field,
                            shuffle=shuffle, seed=seed, window=cfg.shuffle_buffer,
