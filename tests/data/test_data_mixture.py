@@ -125,3 +125,38 @@ def test_sources_with_different_eos_are_refused(three, tmp_path):
     with pytest.raises(DataError, match="different EOS ids"):
         build_loader(DataConfig(mixture=(three[0], str(tmp_path / "other"))), batch_size=1,
                      block_size=8)
+
+
+def test_a_trainer_logs_tokens_per_source(tmp_path):
+    """The PyTorch trainer on a mixture: each log record carries the tokens read per source."""
+    torch = pytest.importorskip("torch")
+    from swamla.metrics import read_metrics
+    from swamla.train_config import TrainConfig
+    from swamla_torch.train import train
+
+    dirs = []
+    for i in range(2):
+        w = ShardWriter(tmp_path / f"m{i}", "train", tokenizer_name="gpt2", vocab_size=512,
+                        eos_id=511)
+        v = ShardWriter(tmp_path / f"m{i}", "val", tokenizer_name="gpt2", vocab_size=512,
+                        eos_id=511)
+        for _ in range(40):
+            w.add(np.append(np.arange(i * 200, i * 200 + 30), 511))
+        v.add(np.append(np.arange(50), 511))
+        w.close()
+        v.close()
+        dirs.append(str(tmp_path / f"m{i}"))
+    cfg = TrainConfig.from_dict({
+        "size": "tiny", "model": {"vocab_size": 512, "n_layer": 3, "block_size": 16},
+        "data": {"mixture": [f"{dirs[0]}:3", f"{dirs[1]}:1"]}, "batch_size": 2,
+        "max_iters": 2, "compute_dtype": "float32", "eval_interval": 2, "eval_iters": 1,
+        "log_interval": 1, "progress_bar": False, "output_dir": str(tmp_path / "run")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    for r in records:
+        assert sum(r[f"tokens[{d}]"] for d in dirs) == r["step"] * 2 * 16
