@@ -418,7 +418,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         last: dict[str, Any] = {}  # the newest training record
         last_eval: dict[str, Any] = {}
         saved = stopped_early = None
-        pending = None  # (step, metrics) of the newest step, read once the next one is queued
+        # (step, metrics, a mixture's tokens per source) of the newest step, read once the next
+        # one is queued
+        pending = None
         mark = (time.perf_counter(), step)  # tokens/s counts the steps finished since mark
         losses: list[float] = []  # of the applied steps since the last record
         compiled = False
@@ -428,7 +430,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             nonlocal pending, skipped_total, last, mark
             if pending is None:
                 return
-            at, metrics = pending
+            at, metrics, tokens = pending
             pending = None
             ok, loss = _check_finite(metrics, cfg, at, skipped_total, ckpt)
             if ok:
@@ -446,7 +448,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 mfu=tok_s and mfu(n_params, tok_s / jax.device_count(), peak),
                 peak_memory_bytes=_peak_memory_bytes(), skipped_steps=skipped_total)
             losses.clear()
-            logger.log(at, last)
+            logger.log(at, {**last, **tokens})
             bar.update(0, {"loss": last["loss"]})
             mark = (now, at)
 
@@ -465,7 +467,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     # Settle the previous step while this one runs: the host reads metrics,
                     # logs and fetches the next batch without leaving the device idle.
                     settle()
-                    pending = (step, metrics)
+                    pending = (step, metrics, train_loader.token_metrics())
                     if not compiled:  # the first step waits anyway: keep compilation out
                         jax.block_until_ready(metrics)
                         restart_clock()

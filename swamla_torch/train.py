@@ -313,7 +313,7 @@ class _Run:
                 bar.update(1, {"loss": loss})
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
                     last = self._window_metrics(window, tokens_per_step)
-                    logger.log(self.step, last)
+                    logger.log(self.step, {**last, **self.loader.token_metrics()})
                 # saved before evaluating: a failing evaluation loses nothing
                 if self.step % cfg.save_interval == 0 or self.step == cfg.max_iters:
                     checkpoint, last_saved = self.save(), self.step

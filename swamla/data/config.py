@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 SOURCES = ("fineweb-edu", "files", "shards")
 TEXT_UNITS = ("document", "paragraph", "line")
+RESUME_DATA = ("exact", "continue", "restart")
+HUB_PREFIX = "hf:"  # a mixture entry streamed from the hub: hf:OWNER/NAME[/CONFIG]
 
 
 class DataError(ValueError):
@@ -41,6 +43,17 @@ class DataConfig:
     tokenize_chunk: the most documents read and tokenized together (batch encoding amortizes
         overhead); the first chunks of a loader are smaller, sized to its first batches.
     cache_dir: ``datasets`` cache for the Arrow copies of local files (None: its default).
+    mixture: several training sources with weights, each ``LOCATION[:WEIGHT]`` (weight 1 when
+        omitted): a shard directory or ``.bin`` files, local text files/globs/directories, or
+        ``hf:OWNER/NAME[/CONFIG]`` streamed from the hub. Replaces ``source``/``train_paths``;
+        each source's own validation split is mixed with the same weights (``mixture``).
+    stream_timeout: seconds a streamed source may go without delivering a record before the run
+        stops with an error naming the offline switches.
+    resume_data: what a resumed run does when the checkpoint's data position was saved with
+        another training source, block_size, global batch size or seed: ``exact`` refuses and
+        names the change; ``continue`` keeps the position (the same data at a new path; another
+        block_size or global batch from the same token position); ``restart`` starts this run's
+        data from its beginning. Nothing changed: every mode resumes exactly.
     """
 
     source: str = "fineweb-edu"
@@ -59,9 +72,12 @@ class DataConfig:
     prefetch: int = 4
     tokenize_chunk: int = 512
     cache_dir: str | None = None
+    mixture: tuple[str, ...] = ()
+    stream_timeout: float = 120.0
+    resume_data: str = "exact"
 
     def __post_init__(self):
-        for name in ("train_paths", "val_paths"):
+        for name in ("train_paths", "val_paths", "mixture"):
             value = getattr(self, name)
             if isinstance(value, str):  # a single path, not a sequence of characters
                 value = (value,)
@@ -70,7 +86,14 @@ class DataConfig:
             object.__setattr__(self, name, tuple(value))
         if self.source not in SOURCES:
             raise DataError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
-        if self.source in ("files", "shards") and not self.train_paths:
+        if self.mixture:
+            for entry in self.mixture:
+                parse_mixture_entry(entry)
+            if self.train_paths or self.val_paths:
+                raise DataError("mixture replaces source/train_paths, and each of its sources "
+                                "brings its own validation split: drop train_paths/val_paths, or "
+                                "drop mixture")
+        elif self.source in ("files", "shards") and not self.train_paths:
             raise DataError(f"source={self.source!r} needs train_paths (files, globs or shard "
                             "directories); none were given")
         if self.text_unit not in TEXT_UNITS:
@@ -90,6 +113,12 @@ class DataConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        t = self.stream_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise DataError(f"stream_timeout must be a number of seconds > 0, got {t!r}")
+        if self.resume_data not in RESUME_DATA:
+            raise DataError(f"resume_data must be one of {list(RESUME_DATA)}, got "
+                            f"{self.resume_data!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise DataError(f"cache_dir must be a path string or null, got {self.cache_dir!r}")
 
@@ -104,6 +133,38 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_mixture_entry(entry: str) -> tuple[str, float]:
+    """``(location, weight)`` of a mixture entry ``LOCATION[:WEIGHT]``: the weight is the text
+    after the last colon when it reads as a number, else 1."""
+    location, sep, tail = entry.rpartition(":")
+    try:
+        weight = float(tail) if sep else None
+    except ValueError:
+        weight = None
+    if weight is None:
+        location, weight = entry, 1.0
+    if not location or location == HUB_PREFIX:
+        raise DataError(f"mixture entry {entry!r} names no source; write LOCATION[:WEIGHT], e.g. "
+                        "shards/web:0.7 or hf:HuggingFaceFW/fineweb-edu/CC-MAIN-2024-10:0.3")
+    if not (math.isfinite(weight) and weight > 0):
+        raise DataError(f"mixture entry {entry!r}: the weight must be a number > 0, got {tail!r}")
+    if location.startswith(HUB_PREFIX) and location[len(HUB_PREFIX):].count("/") not in (1, 2):
+        raise DataError(f"mixture entry {entry!r}: a hub source is hf:OWNER/NAME or "
+                        "hf:OWNER/NAME/CONFIG")
+    return location, weight
+
+
+def source_names(cfg: DataConfig) -> list[str]:
+    """The names a data position records for the training data: one per source (a mixture's as
+    ``LOCATION:WEIGHT``), compared when a run resumes."""
+    if cfg.mixture:
+        return [f"{loc}:{w:g}" for loc, w in map(parse_mixture_entry, cfg.mixture)]
+    if cfg.source == "fineweb-edu":
+        return [f"{HUB_PREFIX}{cfg.dataset_name}/{cfg.dataset_config}"]
+    kind = "stream" if cfg.source == "files" and cfg.streaming else cfg.source
+    return [f"{kind}:{','.join(cfg.train_paths)}"]
 
 
 def _check_known(data: Mapping[str, Any]) -> None:

@@ -62,7 +62,10 @@ class ShardSampler:
         self.shuffle, self.seed = shuffle, seed
         self.num_sequences = shards.num_tokens // self.span
         self.batches_per_epoch = self.num_sequences // global_rows
-        if self.batches_per_epoch == 0:
+        # A validation split smaller than one batch (the one document held out of a small
+        # corpus) is read as a cycle of its tokens; a training split that small is an error.
+        self.cyclic = self.batches_per_epoch == 0 and not shuffle and shards.num_tokens > 0
+        if self.batches_per_epoch == 0 and not self.cyclic:
             raise DataError(f"shards hold {shards.num_tokens} tokens = {self.num_sequences} "
                             f"sequences of {self.span}, fewer than one global batch of "
                             f"{global_rows} rows; prepare more data or lower batch_size/block_size")
@@ -77,6 +80,11 @@ class ShardSampler:
 
     def batches(self, epoch: int, batch: int) -> Iterator[tuple[np.ndarray, dict]]:
         """Endless ``(rows (B, T+1), position after them)`` starting at ``(epoch, batch)``."""
+        while self.cyclic:
+            start = (batch * self.global_rows + self.rows.start) * self.span
+            batch += 1
+            yield np.stack([self.shards.read_cyclic(start + i * self.span, self.span)
+                            for i in range(len(self.rows))]), {"epoch": epoch, "batch": batch}
         while True:
             order = self._epoch_order(epoch)
             base = batch * self.global_rows
@@ -127,7 +135,8 @@ class LanePacker:
 
     def __init__(self, documents: Callable[..., Iterator], encode: Callable, *, rows: range,
                  global_rows: int, block_size: int, eos_id: int, chunk: int,
-                 lane_state: dict[int, list[int]] | None, cache: DocumentCache | None = None):
+                 lane_state: dict[int, list[int]] | None, cache: DocumentCache | None = None,
+                 base: tuple[int, int, int] = (0, 0, 0)):
         self.rows, self.global_rows, self.span = rows, global_rows, block_size + 1
         self.encode, self.eos_id, self.chunk = encode, eos_id, chunk
         self.cache = cache
@@ -135,16 +144,21 @@ class LanePacker:
         self.pending = None  # a document read past the end of a pass, first in the next chunk
         self.lanes = {r: _Lane() for r in rows}
         self.buffers = {r: collections.deque() for r in rows}
-        if lane_state:
-            # Resume: each lane first re-reads its current document, then drops `offset` tokens.
-            self.first_g = {r: lane_state[r][0] for r in rows}
-            self.offsets = {r: lane_state[r][3] for r in rows}
+        # Resume: each lane first re-reads its current document, then drops `offset` tokens. A
+        # lane with no saved position (a mixture row that never drew this source, or every lane
+        # after the global batch changed) starts at its first document from `base`, the
+        # (g, epoch, raw) where the reader then starts.
+        lane_state = self.saved = lane_state or {}
+        self.base = tuple(int(v) for v in base)
+        g0 = self.base[0]
+        self.first_g = {r: lane_state[r][0] if r in lane_state else g0 + (r - g0) % global_rows
+                        for r in rows}
+        self.offsets = {r: lane_state[r][3] if r in lane_state else 0 for r in rows}
+        if all(r in lane_state for r in rows):
             g, epoch, raw, _ = min((lane_state[r] for r in rows), key=lambda s: s[0])
             self.reader = documents(epoch=epoch, raw=raw, g=g)
         else:
-            self.first_g = {r: r for r in rows}
-            self.offsets = {r: 0 for r in rows}
-            self.reader = documents(epoch=0, raw=0, g=0)
+            self.reader = documents(epoch=self.base[1], raw=self.base[2], g=g0)
 
     def _read_chunk(self) -> None:
         """Tokenize the next documents of this process's lanes (chunk sizes: module docstring)."""
@@ -179,7 +193,8 @@ class LanePacker:
         self.lanes[r].doc = self.buffers[r].popleft()
         self.lanes[r].offset = self.offsets.pop(r, 0)
 
-    def _fill(self, r: int, out: np.ndarray) -> None:
+    def fill(self, r: int, out: np.ndarray) -> None:
+        """Write lane ``r``'s next ``block_size + 1`` tokens into ``out``."""
         lane, filled = self.lanes[r], 0
         while filled < self.span:
             if lane.doc is None or lane.offset >= len(lane.doc[3]):
@@ -195,8 +210,25 @@ class LanePacker:
         while True:
             out = np.empty((len(self.rows), self.span), dtype=np.uint32)
             for i, r in enumerate(self.rows):
-                self._fill(r, out[i])
-            state = {str(r): [int(self.lanes[r].doc[0]), int(self.lanes[r].doc[1]),
-                              int(self.lanes[r].doc[2]), int(self.lanes[r].offset)]
-                     for r in self.rows}
-            yield out, state
+                self.fill(r, out[i])
+            yield out, self.lane_state()
+
+    def lane_state(self) -> dict[str, list[int]]:
+        """``{row: [g, epoch, raw, offset]}`` of the lanes that have started (see module doc);
+        a lane not filled since a restart keeps its restored position."""
+        out = {}
+        for r, lane in self.lanes.items():
+            if lane.doc is not None:
+                out[str(r)] = [int(lane.doc[0]), int(lane.doc[1]), int(lane.doc[2]),
+                               int(lane.offset)]
+            elif r in self.saved:
+                out[str(r)] = [int(v) for v in self.saved[r]]
+        return out
+
+    def earliest(self) -> tuple[int, int]:
+        """(epoch, raw) of the first document a restart of these lanes reads."""
+        lanes = self.lane_state()
+        if len(lanes) < len(self.lanes):
+            return self.base[1], self.base[2]
+        _, epoch, raw, _ = min(lanes.values(), key=lambda s: s[0])
+        return epoch, raw

@@ -4,7 +4,8 @@
     python -m swamla.data.prepare --source fineweb-edu --max-tokens 1e9 --out data/fineweb/
 
 Documents are read once in source order (no shuffle: the loader shuffles sequences), split into
-train/val by the same stable text hash the text loaders use (or ``--val-paths``), tokenized in
+train/val by the same stable text hash the text loaders use (or ``--val-paths``; a corpus too
+small for the hash to pick a document holds out its last one, see ``sources``), tokenized in
 batches, EOS-terminated and appended to ``train_*.bin`` / ``val_*.bin`` shards with JSON sidecars
 (see ``shards``). Train with ``--source shards --train-paths data/``. Shards are written to a
 hidden ``.partial-<pid>`` directory inside the output and moved into it only once every check
@@ -26,7 +27,7 @@ import numpy as np
 from swamla.data.config import DataConfig, DataError
 from swamla.data.encode import Encoder, data_tokenizer
 from swamla.data.shards import ShardWriter
-from swamla.data.sources import is_val_document, open_source
+from swamla.data.sources import open_source
 
 logger = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # + the writing process's id: where shards are written before the checks
@@ -84,21 +85,19 @@ def _prepare(cfg, tokenizer, work, max_tokens, max_documents, shard_tokens, prog
     docs = {"train": 0, "val": 0}
     bar = _progress_bar(progress, max_tokens)
     try:
-        passes = [("train", cfg.val_fraction if not cfg.val_paths else 0.0)]
-        if cfg.val_paths:
-            passes.append(("val", None))
-        for split, val_fraction in passes:
-            source, _ = open_source(cfg, split, shuffle=False, seed=0)
+        for split in ("train", "val") if cfg.val_paths else ("train",):
+            source, rule = open_source(cfg, split, shuffle=False, seed=0)
+            rule = None if cfg.val_paths else rule  # explicit validation files: no hash split
             texts: list[str] = []
             for _, text in source.iter_epoch(0, 0):
                 texts.append(text)
                 if len(texts) == cfg.tokenize_chunk:
-                    if not _write(texts, split, val_fraction, encoder, eos, writers, docs, bar,
+                    if not _write(texts, split, rule, encoder, eos, writers, docs, bar,
                                   max_tokens, max_documents):
                         break
                     texts = []
             else:
-                _write(texts, split, val_fraction, encoder, eos, writers, docs, bar,
+                _write(texts, split, rule, encoder, eos, writers, docs, bar,
                        max_tokens, max_documents)
     finally:
         encoder.close()
@@ -114,6 +113,10 @@ def _prepare(cfg, tokenizer, work, max_tokens, max_documents, shard_tokens, prog
     if not summary["train_tokens"]:
         raise DataError("no training documents were read (none written); check the source "
                         "and val_fraction")
+    if not summary["val_documents"]:
+        logger.warning("no validation shards written (a corpus of one document, or "
+                       "val_fraction 0): train from these shards with --val_paths naming "
+                       "validation data (text files or another prepare output)")
     if summary["train_tokens"] == summary["train_documents"]:  # one EOS per document, no text
         raise DataError(f"every training document is empty (no text in "
                         f"{', '.join(cfg.train_paths) or cfg.dataset_name}; no shard written): "
@@ -129,7 +132,7 @@ def _progress_bar(enabled: bool, total):
     return tqdm(total=total, unit="tok", unit_scale=True, desc="tokenizing", file=sys.stderr)
 
 
-def _write(texts, split, val_fraction, encoder, eos, writers, docs, bar, max_tokens,
+def _write(texts, split, rule, encoder, eos, writers, docs, bar, max_tokens,
            max_documents) -> bool:
     """Tokenize and append one chunk; False once a limit is reached."""
     n_tok = writers["train"].total_tokens + writers["val"].total_tokens
@@ -137,8 +140,7 @@ def _write(texts, split, val_fraction, encoder, eos, writers, docs, bar, max_tok
         if (max_tokens is not None and n_tok >= max_tokens) or \
                 (max_documents is not None and docs["train"] + docs["val"] >= max_documents):
             return False
-        target = split if val_fraction is None else (
-            "val" if is_val_document(text, val_fraction) else "train")
+        target = split if rule is None else ("val" if rule.is_val(text) else "train")
         writers[target].add(np.concatenate([ids, eos]))
         docs[target] += 1
         n_tok += len(ids) + 1

@@ -115,6 +115,12 @@ def find_shards(patterns: tuple[str, ...], split: str, *, field: str) -> list[Pa
         p = Path(pattern)
         if p.is_dir():
             found = sorted(p.glob(f"{split}_*.bin"))
+            if not found and split == "val":
+                raise DataError(
+                    f"{field}: {p} holds no val_*.bin shards, so there is no validation split; "
+                    "give validation data with --val_paths (.bin shards or a directory of them), "
+                    "or prepare the corpus again into a new --out directory: prepare now holds "
+                    "out at least one document of any corpus of two or more")
             if not found:
                 raise DataError(f"{field}: {p} holds no {split}_*.bin shards; write them with "
                                 f"python -m swamla.data.prepare --out {p}")
@@ -161,6 +167,11 @@ class ShardSet:
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.num_tokens = int(self.starts[-1])
 
+    def read_cyclic(self, start: int, length: int) -> np.ndarray:
+        """``length`` tokens from ``start`` of the shards read as a cycle (wrapping at the end)."""
+        idx = (start + np.arange(length)) % self.num_tokens
+        return np.concatenate([self.read(int(a), int(b - a)) for a, b in _runs(idx)])
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the concatenated shards (may span shard files)."""
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -174,3 +185,10 @@ class ShardSet:
             parts.append(self.arrays[i][:need])
             need -= len(parts[-1])
         return np.concatenate(parts)
+
+
+def _runs(idx: np.ndarray):
+    """[start, stop) of the increasing runs of consecutive indices."""
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    for part in np.split(idx, cuts):
+        yield part[0], part[-1] + 1

@@ -7,21 +7,30 @@ Every source is an endless sequence of epochs; ``iter_epoch(epoch, start)`` yiel
 global document index ``g`` that the packer uses to give each document to exactly one row.
 
 Train/validation split: with no explicit validation paths, a document is in ``val`` iff the
-blake2b hash of its text, read as a fraction of 2**64, is below ``val_fraction``. The hash depends
-only on the text, so the split is the same for every seed, epoch order, process count and for
-``prepare``.
+blake2b hash of its text, read as a fraction of 2**64, is below ``val_fraction``. A local corpus
+in which no document hashes that low (a few dozen documents at 0.5%) holds out its last document
+instead, when it has two or more. The split depends only on the text, so it is the same for every
+seed, epoch order, process count and for ``prepare``.
+
+Streamed sources are read shard (file) by shard, in a seeded shard order per epoch, and in
+windows of ``shuffle_buffer`` records, each shuffled on its own (seed, epoch, window). The position
+of each window's start (shard, record in it) is kept, so a restart opens that shard
+(``IterableDataset.shard``) and skips within it, instead of re-reading the stream from its start.
 
 ``datasets`` is imported lazily, so the pre-tokenized shard path works without it.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -40,12 +49,50 @@ _OFFLINE_HINT = (
     "--source shards --train-paths DIR")
 
 
+_STALL_HINT = (
+    "If the network is down or the hub unreachable, set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 "
+    "and train on local data (--source files or --source shards); on a slow link raise "
+    "--stream_timeout")
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
 def is_val_document(text: str, val_fraction: float) -> bool:
     """The stable hash split: True for the ~val_fraction of documents held out for validation."""
     if val_fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
+    return int.from_bytes(_digest(text), "little") < val_fraction * 2.0 ** 64
+
+
+class HashSplit:
+    """The train/validation split of one source: the hash split, plus the held-out document of a
+    corpus too small for the hash to pick one (``held_out``, the digest of its text)."""
+
+    def __init__(self, val_fraction: float, held_out: bytes | None = None):
+        self.val_fraction, self.held_out = val_fraction, held_out
+
+    def is_val(self, text: str) -> bool:
+        return is_val_document(text, self.val_fraction) or (
+            self.held_out is not None and _digest(text) == self.held_out)
+
+
+def hash_split(source, val_fraction: float) -> HashSplit:
+    """``source``'s split: reads its documents in file order up to the first one the hash holds
+    out (about 1/val_fraction of them); a corpus with none holds out its last document."""
+    if val_fraction <= 0.0:
+        return HashSplit(0.0)
+    count, last = 0, None
+    for text in source.texts():
+        if is_val_document(text, val_fraction):
+            return HashSplit(val_fraction)
+        count, last = count + 1, text
+    if count < 2:  # nothing to spare: the one document trains
+        return HashSplit(val_fraction)
+    logger.info("%s: no document hashes into the %g validation fraction; holding out its last "
+                "document for validation", source.label, val_fraction)
+    return HashSplit(val_fraction, _digest(last))
 
 
 def expand_paths(patterns: tuple[str, ...], *, field: str, suffixes=tuple(BUILDERS)) -> list[Path]:
@@ -148,6 +195,16 @@ class LocalFiles:
         self.field = cfg.text_field
         self.shuffle, self.seed = shuffle, seed
 
+    def texts(self) -> Iterator[str]:
+        """The documents in file order (checked as ``iter_epoch`` checks them)."""
+        for lo in range(0, len(self.data), 1024):
+            for i, text in enumerate(self.data[lo:lo + 1024]["text"]):
+                yield _check_text(text, self.label, self.field, lo + i)
+
+    def position(self, epoch: int, raw: int) -> None:
+        """Random access: a restart needs no saved position."""
+        return None
+
     def iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[int, str]]:
         n = len(self.data)
         order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
@@ -197,44 +254,185 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 class StreamingSource:
     """A ``datasets`` streaming (IterableDataset) source: FineWeb-Edu, or local files streamed.
 
-    Epoch order is the dataset's shard order shuffled with a buffer (seed + epoch). Transient
-    network errors restart the stream at the current record after a backoff.
+    ``opener(epoch)`` opens the stream (``epoch=None``: read in the order given, for ``texts``).
+    Records are read in windows of ``window`` records by a background thread; each window is
+    shuffled with (seed, epoch, window index), and the stream's position at its start is kept in
+    ``positions`` (the module docstring). Transient network errors reopen the stream at the
+    current window after a backoff; no record for ``timeout`` seconds is an error naming the
+    offline switches.
     """
 
-    def __init__(self, opener: Callable[[], object], *, label: str, field: str, shuffle: bool,
-                 seed: int, buffer_size: int):
-        self.opener, self.label, self.field = opener, label, field
-        self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
-        self.transient = _transient_errors()
+    _KEPT_POSITIONS = 1024  # window starts remembered: far more than the lanes ever lag behind
 
-    def _open(self, epoch: int, start: int):
-        ds = self.opener()
-        if self.shuffle:
-            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer_size)
-            ds.set_epoch(epoch)
-        return ds.skip(start) if start else ds
+    def __init__(self, opener: Callable[[int | None], Any], *, label: str, field: str,
+                 shuffle: bool, seed: int, window: int, timeout: float):
+        self.opener, self.label, self.field = opener, label, field
+        self.shuffle, self.seed, self.window, self.timeout = shuffle, seed, window, timeout
+        self.transient = _transient_errors()
+        self.positions: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+        self.warned = False
+
+    # ------------------------------------------------------------------ positions
+    def position(self, epoch: int, raw: int) -> list | None:
+        """``[epoch, window start, [shard position, record in shard]]`` of the window holding
+        record ``raw``, or None if that window's position is unknown (the stream cannot seek)."""
+        start = raw - raw % self.window
+        state = self.positions.get((epoch, start))
+        return None if state is None else [epoch, start, state]
+
+    def restore(self, positions) -> None:
+        """Adopt positions saved by ``position`` (a resumed run restarts at the latest one
+        before its first record)."""
+        for epoch, start, state in positions:
+            self._remember(int(epoch), int(start), state)
+
+    def _remember(self, epoch: int, start: int, state) -> None:
+        self.positions[(epoch, start)] = state
+        self.positions.move_to_end((epoch, start))
+        while len(self.positions) > self._KEPT_POSITIONS:
+            self.positions.popitem(last=False)
+
+    # ------------------------------------------------------------------ reading
+    def texts(self) -> Iterator[str]:
+        """The documents in file order (for the held-out document of a small corpus)."""
+        for _, _, records in self._windows(None, None, 0):
+            for record in records:
+                _check_field(record.keys(), self.label, self.field)
+                yield _check_text(record.get(self.field), self.label, self.field, -1)
 
     def iter_epoch(self, epoch: int, start: int) -> Iterator[tuple[int, str]]:
-        raw, failures = start, 0
-        while True:
-            try:
-                for record in self._open(epoch, raw):
-                    if raw == start:
+        first = start - start % self.window
+        known = [s for e, s in self.positions if e == epoch and s <= first]
+        begin = max(known, default=0)
+        if first and not known and not self.warned:
+            logger.warning("%s: no saved stream position for record %d of epoch %d (the source "
+                           "cannot seek, or the state predates saved positions); re-reading the "
+                           "stream from its start", self.label, start, epoch)
+            self.warned = True
+        checked = False
+        windows = self._windows(epoch, self.positions.get((epoch, begin)) if begin else None,
+                                begin)
+        try:
+            for lo, state, records in windows:
+                if state is not None:
+                    self._remember(epoch, lo, state)
+                if lo + len(records) <= start:
+                    continue
+                order = (np.random.default_rng([self.seed, epoch, lo // self.window])
+                         .permutation(len(records)) if self.shuffle else range(len(records)))
+                for i in range(max(start - lo, 0), len(records)):
+                    record = records[order[i]]
+                    if not checked:
                         _check_field(record.keys(), self.label, self.field)
-                    yield raw, _check_text(record.get(self.field), self.label, self.field, raw)
-                    raw, failures = raw + 1, 0
-                return
+                        checked = True
+                    yield lo + i, _check_text(record.get(self.field), self.label, self.field,
+                                              lo + i)
+        finally:
+            windows.close()
+
+    def _windows(self, epoch, state, begin: int):
+        """``(first record, datasets state before it, records)`` per window from ``begin``
+        (``state``: the position there, or None to read from the stream's start), read ahead by
+        a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        beat = [time.monotonic()]  # when the reader last made progress
+        thread = threading.Thread(target=self._reader, args=(epoch, state, begin, q, stop, beat),
+                                  name="swamla-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                waiting = time.monotonic()
+                while True:
+                    try:
+                        item = q.get(timeout=min(1.0, self.timeout))
+                        break
+                    except queue.Empty:
+                        idle = time.monotonic() - max(beat[0], waiting)
+                        if idle > self.timeout:
+                            raise DataError(
+                                f"{self.label}: no data from the stream for {idle:.0f} s (the "
+                                f"network or the hub stalled). {_STALL_HINT}") from None
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    return
+                yield item
+                if len(item[2]) < self.window:
+                    return
+        finally:
+            stop.set()
+
+    def _reader(self, epoch, state, begin: int, q: queue.Queue, stop: threading.Event,
+                beat: list) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    beat[0] = time.monotonic()
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        lo, failures = begin, 0
+        while not stop.is_set():
+            try:
+                records = self._records(epoch, state, 0 if state is not None else lo, beat)
+                while True:
+                    window, state = [], None
+                    for where, record in records:
+                        state = state or where
+                        window.append(record)
+                        beat[0] = time.monotonic()
+                        if len(window) == self.window:
+                            break
+                    failures = 0
+                    if not put((lo, state, window)) or len(window) < self.window:
+                        return
+                    lo, state = lo + len(window), None
             except UnicodeDecodeError as e:
-                raise _read_error(self.label, e) from e
+                put(_read_error(self.label, e))
+                return
             except self.transient as e:
                 failures += 1
                 if failures > _STREAM_RETRIES:
-                    raise DataError(f"{self.label}: stream failed {failures} times in a row at "
-                                    f"record {raw} ({e}). {_OFFLINE_HINT}") from e
+                    put(DataError(f"{self.label}: stream failed {failures} times in a row at "
+                                  f"record {lo} ({e}). {_OFFLINE_HINT}"))
+                    return
                 delay = 2.0 ** (failures - 1)
                 logger.warning("%s: %s at record %d; retrying in %.0f s (%d/%d)", self.label,
-                               e, raw, delay, failures, _STREAM_RETRIES)
-                time.sleep(delay)
+                               e, lo, delay, failures, _STREAM_RETRIES)
+                stop.wait(delay)
+                state = self.positions.get((epoch, lo)) if epoch is not None else None
+            except BaseException as e:  # handed to the consumer, which raises it
+                put(e)
+                return
+
+    def _records(self, epoch, state, skip: int, beat: list):
+        """``([shard position, record in shard], record)`` from ``state`` (None: the start,
+        then ``skip`` records are read and dropped: the replay of a source that cannot seek).
+        The shards (files) of a shuffled epoch come in a seeded order."""
+        ds = self.opener(epoch)
+        n = getattr(ds, "num_shards", None) or getattr(ds, "n_shards", None)
+        if not n or not hasattr(ds, "shard"):  # cannot seek: one stream, no positions
+            for i, record in enumerate(ds):
+                if i >= skip:
+                    yield None, record
+                beat[0] = time.monotonic()
+            return
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n)
+                 if self.shuffle and epoch is not None else np.arange(n))
+        first, within = state if state is not None else (0, 0)
+        for k in range(first, n):
+            part = ds.shard(num_shards=n, index=int(order[k]), contiguous=True)
+            start = within if k == first else 0
+            for j, record in enumerate(part.skip(start) if start else part, start=start):
+                if skip:
+                    skip -= 1
+                    beat[0] = time.monotonic()
+                    continue
+                yield [k, j], record
 
 
 def fineweb_source(cfg: DataConfig, *, shuffle: bool, seed: int) -> StreamingSource:
@@ -244,12 +442,12 @@ def fineweb_source(cfg: DataConfig, *, shuffle: bool, seed: int) -> StreamingSou
                         "Face hub is unreachable or HF_HUB_OFFLINE is set. " + _OFFLINE_HINT)
     datasets = _datasets()
 
-    def opener():
+    def opener(epoch):
         return datasets.load_dataset(cfg.dataset_name, name=cfg.dataset_config, split="train",
                                      streaming=True)
     return StreamingSource(opener, label=f"{cfg.dataset_name}/{cfg.dataset_config}",
                            field=cfg.text_field, shuffle=shuffle, seed=seed,
-                           buffer_size=cfg.shuffle_buffer)
+                           window=cfg.shuffle_buffer, timeout=cfg.stream_timeout)
 
 
 def local_stream_source(paths: list[Path], cfg: DataConfig, *, shuffle: bool,
@@ -260,46 +458,59 @@ def local_stream_source(paths: list[Path], cfg: DataConfig, *, shuffle: bool,
         raise DataError(f"streaming local files needs one file type, got {sorted(builders)} in "
                         f"{[str(p) for p in paths]}; stream them separately or set streaming=false")
     builder, kwargs = _builder_kwargs(paths[0], cfg)
-    kwargs["data_files"] = [str(p) for p in paths]
     datasets = _datasets()
-    return StreamingSource(lambda: datasets.load_dataset(builder, streaming=True, **kwargs),
-                           label=", ".join(map(str, paths)),
+
+    kwargs["data_files"] = [str(p) for p in paths]
+
+    def opener(epoch):
+        return datasets.load_dataset(builder, streaming=True, **kwargs)
+    return StreamingSource(opener, label=", ".join(map(str, paths)),
                            field="text" if builder == "text" else cfg.text_field,
-                           shuffle=shuffle, seed=seed, buffer_size=cfg.shuffle_buffer)
+                           shuffle=shuffle, seed=seed, window=cfg.shuffle_buffer,
+                           timeout=cfg.stream_timeout)
 
 
 def open_source(cfg: DataConfig, split: str, *, shuffle: bool, seed: int):
-    """The document source of ``split`` and whether the hash split must still be applied."""
+    """The document source of ``split`` and its ``HashSplit`` (None when the split is by file:
+    ``val_paths``)."""
     if split == "val" and cfg.val_paths:
         field, hashed = "val_paths", False
-    elif cfg.source == "fineweb-edu":
-        return fineweb_source(cfg, shuffle=shuffle, seed=seed), True
+    elif cfg.source == "fineweb-edu":  # never too small for the hash split
+        return fineweb_source(cfg, shuffle=shuffle, seed=seed), HashSplit(cfg.val_fraction)
     else:
         field, hashed = "train_paths", True
     paths = expand_paths(getattr(cfg, field), field=field)
     if split == "val" and hashed and cfg.val_fraction == 0.0:
-        raise DataError("split='val' needs validation data: set val_paths or val_fraction > 0")
+        raise DataError("split='val' needs validation data: set val_paths (--val_paths) or "
+                        "val_fraction > 0")
     if cfg.streaming:
-        return local_stream_source(paths, cfg, shuffle=shuffle, seed=seed), hashed
-    return LocalFiles(paths, cfg, shuffle=shuffle, seed=seed, paths_field=field), hashed
+        source = local_stream_source(paths, cfg, shuffle=shuffle, seed=seed)
+    else:
+        source = LocalFiles(paths, cfg, shuffle=shuffle, seed=seed, paths_field=field)
+    return source, hash_split(source, cfg.val_fraction) if hashed else None
 
 
-def split_documents(source, *, split: str, hashed: bool, val_fraction: float, epoch: int = 0,
-                    raw: int = 0, g: int = 0) -> Iterator[tuple[int, int, int, str]]:
-    """Endless ``(g, epoch, raw, text)`` over the documents of ``split``, from a restart point."""
+def split_documents(source, *, split: str, rule: HashSplit | None, epoch: int = 0, raw: int = 0,
+                    g: int = 0) -> Iterator[tuple[int, int, int, str]]:
+    """Endless ``(g, epoch, raw, text)`` over the documents of ``split``, from a restart point;
+    ``rule`` is the source's hash split (None: every document is in ``split``)."""
     want_val = split == "val"
     while True:
         full_epoch, found, has_text = raw == 0, False, False
         # raw: the restart point going in, then the position reached (read after the loop)
         for raw, text in source.iter_epoch(epoch, raw):  # noqa: B020
-            if hashed and is_val_document(text, val_fraction) != want_val:
+            if rule is not None and rule.is_val(text) != want_val:
                 continue
             found, has_text = True, has_text or bool(text)
             yield g, epoch, raw, text
             g += 1
         if full_epoch and not found:
-            raise DataError(f"{source.label}: no documents in the {split!r} split; add data, or "
-                            "for the hash split adjust val_fraction (or give val_paths)")
+            fix = ("it has fewer than two documents, so none can be held out: give validation "
+                   "data with --val_paths (for a .txt file, --text_unit paragraph or line cuts it "
+                   "into more documents)" if want_val else
+                   "every document is held out for validation: lower --val_fraction or add "
+                   "documents")
+            raise DataError(f"{source.label}: no documents in the {split!r} split; {fix}")
         if full_epoch and not has_text:  # the rows would be nothing but EOS tokens
             raise DataError(f"{source.label}: every document of the {split!r} split is empty "
                             "(its batches would hold nothing but EOS tokens); check text_field "

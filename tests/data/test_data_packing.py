@@ -137,7 +137,8 @@ def test_state_mismatch_and_partial_state_errors(corpus, tokenizer):
         next(loader)
         state = loader.state_dict()
     with build_loader(cfg, batch_size=2, block_size=32, tokenizer=tokenizer) as other:
-        with pytest.raises(DataError, match="block_size=16 but this loader has block_size=32"):
+        with pytest.raises(DataError, match=r"block_size 16 -> 32; global batch size \(rows\) 4 "
+                                            "-> 2.*--resume_data continue.*--resume_data restart"):
             other.load_state_dict(state)
     with build_loader(cfg, batch_size=2, block_size=16, process_index=1, process_count=2,
                       tokenizer=tokenizer) as other:

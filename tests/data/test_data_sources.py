@@ -115,11 +115,16 @@ def test_streamed_missing_field_and_null_text_surface_from_the_worker(tmp_path, 
 
 
 def test_empty_split_is_an_error(tmp_path, tokenizer):
-    write_jsonl(tmp_path / "a.jsonl", make_docs(3))
+    """One document cannot be spared for validation: the error names fixes that work."""
+    write_jsonl(tmp_path / "a.jsonl", make_docs(1))
     cfg = dataclasses.replace(_cfg(tmp_path, tmp_path / "a.jsonl"), val_fraction=1e-9)
     with build_loader(cfg, "val", batch_size=1, block_size=8, tokenizer=tokenizer) as loader:
-        with pytest.raises(DataError, match="no documents in the 'val' split"):
+        with pytest.raises(DataError, match="no documents in the 'val' split; it has fewer than "
+                                            "two documents.*--val_paths"):
             next(loader)
+    with build_loader(cfg.replace(val_paths=(str(tmp_path / "a.jsonl"),)), "val", batch_size=1,
+                      block_size=8, tokenizer=tokenizer) as loader:
+        assert next(loader).inputs.shape == (1, 8)  # the fix it names
     with pytest.raises(DataError, match="split='val' needs validation data"):
         build_loader(_cfg(tmp_path, tmp_path / "a.jsonl"), "val", batch_size=1, block_size=8,
                      tokenizer=tokenizer)
