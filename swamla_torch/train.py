@@ -338,6 +338,7 @@ class _Run:
                     self._say(skipped_step_message(self.step, loss, norm, in_a_row,
                                                    self.bad_total, cfg.max_bad_steps))
                     if in_a_row >= cfg.max_bad_steps:
+                        self.wait_saves()  # the checkpoint named is complete
                         raise TrainingError(too_many_skipped_message(
                             in_a_row, cfg.max_bad_steps, self.step, latest_checkpoint(self.out)))
                 bar.update(1, {"loss": loss})
