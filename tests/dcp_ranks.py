@@ -5,10 +5,7 @@
 """
 
 import json
-import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -22,38 +19,8 @@ from swamla_torch.distributed import full_numpy
 from swamla_torch.optim import build_optimizer
 from swamla_torch.train import build_model, train
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """The peak resident memory above the level at entry, sampled every millisecond."""
-
-    def __enter__(self):
-        self.base = self.peak = rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss())
-
-    @property
-    def increase(self) -> int:
-        return self.peak - self.base
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_checkpoint import PeakRSS  # noqa: E402
 
 def memory(out: Path) -> None:
     """FSDP2 over the ranks: the peak host allocation of a sharded save against the full

@@ -113,7 +113,7 @@ def test_a_ranks_host_memory_during_a_save_is_its_shard(tmp_path):
         assert m["shard"] <= 0.51 * m["full"]
         assert m["save"] <= m["shard"] + m["largest"] + slack, m
         assert m["save"] < 0.7 * m["full"], m
-        assert m["gather"] >= 0.95 * m["full"], m  # the probe sees a full state's allocation
+        assert m["gather"] >= 0.8 * m["full"], m  # the probe sees a full state being allocated
 
 
 KILL_DURING_SAVE = textwrap.dedent("""
@@ -214,3 +214,16 @@ def test_a_failed_conversion_keeps_the_sharded_final_checkpoint(shards, tmp_path
                        r"last good checkpoint, .*step_00000002, is intact"):
         train(cfg)
     assert load_checkpoint(step_dir(tmp_path / "run", 2)).step == 2
+
+
+def test_checkpoint_benchmark_runs_on_cpu(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_checkpoint
+
+    assert bench_checkpoint.main(["--size", "tiny", "--dir", str(tmp_path / "ckpt"), "--json",
+                                  str(tmp_path / "bench.json"), "--portable"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["disk_bytes"] >= result["full_state_bytes"] > 0
+    assert result["per_rank"][0]["complete_s"] >= result["per_rank"][0]["blocked_s"] > 0
+    assert ts.is_train_state(tmp_path / "ckpt" / "portable")
+    assert "| rank | blocked s |" in capsys.readouterr().out
