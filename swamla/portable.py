@@ -18,9 +18,10 @@ import pickle
 import re
 import secrets
 import shutil
+import struct
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -223,7 +224,9 @@ def write_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: 
     # .copy(order="C") rather than np.ascontiguousarray, which turns a 0-d DyT alpha into 1-d.
     arrays = {k: np.asarray(v, dtype=np.float32).astype(_DTYPES[dtype]).copy(order="C")
               for k, v in tensors.items()}
-    shards = _split_shards(arrays, max_shard_bytes)
+    shards = [{k: arrays[k] for k in shard}
+              for shard in _split_shards({k: a.nbytes for k, a in arrays.items()},
+                                         max_shard_bytes)]
     meta = {"format": "pt", "swamla_format_version": "1"}
     if len(shards) == 1:
         save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=meta)
@@ -239,15 +242,109 @@ def write_portable(tensors: dict[str, np.ndarray], cfg: ModelConfig, directory: 
     cfg.save(directory / CONFIG_NAME)
 
 
-def _split_shards(arrays, max_bytes):
-    shards, current, size = [], {}, 0
-    for k in sorted(arrays):
-        nbytes = arrays[k].nbytes
-        if current and size + nbytes > max_bytes:
+# ------------------------------------------------------------------ streamed writing
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def write_safetensors_streamed(path: Path, specs: Sequence[tuple[str, tuple[int, ...]]],
+                               read: Callable[[str], np.ndarray], *, dtype: str = "float32",
+                               metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of the tensors ``specs`` names (name, shape), written one at a time:
+    ``read(name)`` is called once per tensor, in ``specs`` order, and its array is dropped once
+    written, so the file never needs its tensors in memory together. The header, known from the
+    shapes, goes first (safetensors' layout: header length, JSON header padded to 8 bytes, data).
+    """
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    header, offset = {"__metadata__": dict(metadata or {})}, 0
+    for name, shape in specs:
+        end = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in specs:
+            array = np.asarray(read(name))
+            if tuple(array.shape) != tuple(shape):
+                raise CheckpointError(f"{name}: shape {tuple(array.shape)} != expected "
+                                      f"{tuple(shape)} while writing {path}")
+            # .copy(order="C") rather than np.ascontiguousarray, which turns 0-d arrays 1-d.
+            f.write(array.astype(_DTYPES[dtype]).copy(order="C").reshape(-1).view(np.uint8).data)
+
+
+def write_portable_streamed(shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
+                            cfg: ModelConfig, directory: Path, *, dtype: str = "float32",
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """``write_portable`` one tensor at a time: the weights named in ``shapes`` come from
+    ``read(name)`` (once each, in sorted order) and are written as they come, into shards of at
+    most ``max_shard_bytes``, as ``write_portable`` splits them."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    sizes = {k: int(np.prod(s, dtype=np.int64)) * itemsize for k, s in shapes.items()}
+    shards = _split_shards(sizes, max_shard_bytes)
+    meta = {"format": "pt", "swamla_format_version": "1"}
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        write_safetensors_streamed(directory / name, [(k, tuple(shapes[k])) for k in shard], read,
+                                   dtype=dtype, metadata=meta)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        (directory / INDEX_NAME).write_text(json.dumps(
+            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+            indent=2))
+    cfg.save(directory / CONFIG_NAME)
+
+
+def weight_files(directory: str | Path) -> list[str]:
+    """The names of the files holding a portable checkpoint's weights (and its index)."""
+    directory = Path(directory)
+    if (directory / INDEX_NAME).is_file():
+        return [*_shard_files(directory / INDEX_NAME), INDEX_NAME]
+    return [WEIGHTS_NAME]
+
+
+def copy_portable(source: str | Path, directory: str | Path) -> Path:
+    """Copy the portable checkpoint inside ``source`` (its config.json and weight files, e.g. of
+    a training state) into ``directory``, file by file and atomically, replacing only another
+    portable checkpoint."""
+    source = Path(source)
+    with atomic_directory(directory, what="portable checkpoint",
+                          is_same_kind=is_weights_checkpoint) as tmp:
+        for name in [CONFIG_NAME, *weight_files(source)]:
+            shutil.copyfile(source / name, tmp / name)
+    return Path(directory)
+
+
+def temporary_directory(directory: str | Path) -> Path:
+    """A new empty temporary sibling of ``directory`` (a name ``remove_stale_temporaries``
+    clears), for a writer that fills it over time and then calls ``publish_directory``."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(directory, "tmp")
+    tmp.mkdir()
+    return tmp
+
+
+def publish_directory(tmp: Path, directory: Path) -> None:
+    """Flush the complete temporary ``tmp`` and swap it in as ``directory`` (see
+    ``atomic_directory``, whose last step this is)."""
+    _finish_tree(tmp)
+    _replace_dir(tmp, directory)
+
+
+def _split_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Names (sorted) grouped into shards of at most ``max_bytes`` (a larger tensor alone)."""
+    shards, current, size = [], [], 0
+    for k in sorted(sizes):
+        if current and size + sizes[k] > max_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[k] = arrays[k]
-        size += nbytes
+            current, size = [], 0
+        current.append(k)
+        size += sizes[k]
     shards.append(current)
     return shards
 

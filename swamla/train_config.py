@@ -490,21 +490,31 @@ def check_resumed_model(saved: ModelConfig, current: ModelConfig, where: str) ->
             f"{RUN_CONFIG_NAME}), or start a new run in another --output_dir")
 
 
-def resume_source(resume: str) -> Path:
-    """The training state an explicit ``--resume PATH`` starts from, the same for both trainers:
-    PATH when it is one (a PyTorch checkpoint, export-jax's output), else the newest one in an
-    earlier run's output_dir or its checkpoints/ folder. A JAX run's checkpoints are Orbax
-    directories, not training states: the error names the export that makes one."""
+def resume_source(resume: str, accepts=None) -> Path:
+    """The saved state an explicit ``--resume PATH`` starts from, the same for both trainers:
+    PATH when it is one, else the newest one in an earlier run's output_dir or its checkpoints/
+    folder. ``accepts(path)`` says what a trainer resumes from: a training state (a PyTorch
+    run's final checkpoint, export-jax's or export-torch's output) by default; the PyTorch
+    trainer also takes its sharded checkpoints. What it cannot take gets the export that makes a
+    training state of it: JAX's Orbax checkpoints, and for JAX a sharded PyTorch checkpoint."""
     from swamla.train_state import is_train_state  # safetensors: only when resuming
 
+    accepts = accepts or is_train_state
     path = Path(resume)
-    if is_train_state(path):
+    if accepts(path):
         return path
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     children = sorted(folder.iterdir()) if folder.is_dir() else []
-    states = [p for p in children if not p.name.startswith(".") and is_train_state(p)]
+    states = [p for p in children if not p.name.startswith(".") and accepts(p)]
     if states:  # step_00000004 (PyTorch) and any name ending in its step: the newest step
         return max(states, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+    sharded = [p for p in [path] + children if (p / TORCH_SHARDED_MARKER).is_file()]
+    if sharded:
+        newest = max(sharded, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+        raise ConfigError(
+            f"resume={resume!r} is a sharded PyTorch checkpoint, which only the PyTorch trainer "
+            f"reads: make a training state of it with python -m swamla.train_state export-torch "
+            f"{newest} STATE, then --resume STATE")
     run = _jax_run_of(path)
     if run is not None:
         raise ConfigError(
@@ -512,9 +522,13 @@ def resume_source(resume: str) -> Path:
             f"with python -m swamla.train_state export-jax {run} STATE, then --resume STATE (to "
             f"continue that run itself, launch it with --output_dir {run} --resume auto)")
     raise ConfigError(f"resume={resume!r} is neither a training state (a directory with "
-                      "trainer_state.json: a PyTorch checkpoint or the output of python -m "
-                      "swamla.train_state export-jax) nor a run's output_dir holding such "
-                      "checkpoints")
+                      "trainer_state.json: a PyTorch run's final checkpoint or the output of "
+                      "python -m swamla.train_state export-jax / export-torch), a PyTorch "
+                      "checkpoint, nor a run's output_dir holding such checkpoints")
+
+
+# The file a complete sharded PyTorch checkpoint holds (swamla_torch.checkpoint.MARKER_NAME).
+TORCH_SHARDED_MARKER = "checkpoint.json"
 
 
 def _jax_run_of(path: Path) -> Path | None:

@@ -35,14 +35,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from swamla.config import ConfigError, ModelConfig
+from swamla.layout import expected_shapes
 from swamla.portable import (CheckpointError, _abbrev, atomic_directory, check_destination,
-                             check_tensors, load_portable, read_safetensors, write_portable)
+                             check_tensors, load_portable, read_safetensors, write_portable,
+                             write_portable_streamed, write_safetensors_streamed)
 
 FORMAT = "swamla-train-state"
 VERSION = 1
@@ -152,6 +154,39 @@ def save_train_state(directory: str | Path, cfg: ModelConfig, params: Mapping[st
         save_file({k: np.asarray(v, dtype=np.float32).copy(order="C")
                    for k, v in moments.items()}, str(tmp / OPTIMIZER_NAME),
                   metadata={"format": "pt"})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        # trainer_state.json marks a complete state, so it is written last.
+        (tmp / STATE_NAME).write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    return Path(directory)
+
+
+def moment_shapes(cfg: ModelConfig, optimizer_type: str) -> dict[str, tuple[int, ...]]:
+    """Every moment's name and shape (those of its parameter) under ``optimizer_type``."""
+    return {f"{name}.{key}": shape for name, shape in expected_shapes(cfg).items()
+            for key in moment_keys(optimizer_type)}
+
+
+def write_train_state(directory: str | Path, cfg: ModelConfig, meta: Mapping[str, Any],
+                      read: Callable[[str], np.ndarray], *,
+                      extra_files: Mapping[str, bytes] | None = None,
+                      replaces: Callable[[Path], bool] = is_train_state) -> Path:
+    """``save_train_state`` one tensor at a time, for states too large to hold at once:
+    ``read(name)`` returns one parameter (portable name) or moment (``<param>.<key>``) as an
+    array, is called once per tensor, and its result is written before the next call. Shapes
+    are checked as the tensors arrive. ``replaces`` says what an existing ``directory`` may be
+    (a training state; a backend may also allow its own checkpoint of the same step).
+    """
+    meta = check_meta(meta, "the training state being saved")
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (STATE_NAME, OPTIMIZER_NAME):
+            raise TrainStateError(f"extra file name {name!r} must be a plain file name other "
+                                  "than the format's own")
+    moments = moment_shapes(cfg, meta["optimizer_type"])
+    with atomic_directory(directory, what="training state", is_same_kind=replaces) as tmp:
+        write_portable_streamed(expected_shapes(cfg), read, cfg, tmp)
+        write_safetensors_streamed(tmp / OPTIMIZER_NAME, sorted(moments.items()), read,
+                                   metadata={"format": "pt"})
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         # trainer_state.json marks a complete state, so it is written last.

@@ -124,6 +124,14 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     return out
 
 
+def checkpoint_group(env: DistEnv):
+    """A gloo process group of all ranks for checkpoint I/O (None on a single process): an
+    asynchronous save's collectives run in a background thread, so they get a group of their
+    own instead of interleaving with the training's, and a CPU one even when training uses
+    NCCL. A collective: every rank creates it, in the same order."""
+    return dist.new_group(backend="gloo") if env.world_size > 1 else None
+
+
 def barrier(env: DistEnv) -> None:
     if env.world_size > 1:
         dist.barrier()

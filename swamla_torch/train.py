@@ -36,18 +36,20 @@ from swamla.metrics import (PLOT_FILE, MetricsLogger, ProgressBar, check_logging
                             eval_metrics, plot_metrics, run_result, skipped_step_message,
                             too_many_skipped_message, train_metrics)
 from swamla.plan import resolve_plan
-from swamla.portable import CheckpointError, remove_stale_temporaries, save_portable
+from swamla.portable import (CheckpointError, copy_portable, load_portable,
+                             remove_stale_temporaries)
 from swamla.schedule import lr_at, warn_short_run
 from swamla.signals import StopSignal
 from swamla.train_config import (TrainConfig, TrainingError, check_device, check_output_dir,
                                  check_resume_target, check_resumed_state, end_of_run_write,
                                  resume_source, save_failed)
-from swamla.train_state import load_train_state, save_train_state
+from swamla.train_state import is_train_state, load_train_state, save_train_state
 from swamla_torch import distributed
-from swamla_torch.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint,
-                                     save_checkpoint, set_moments, set_rng_state)
-from swamla_torch.convert import load_portable_tensors
-from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum, full_numpy
+from swamla_torch.checkpoint import (CHECKPOINT_DIR, Saves, checkpoint_dir, is_checkpoint,
+                                     is_sharded_checkpoint,
+                                     latest_checkpoint, load_checkpoint, restore, save_checkpoint,
+                                     set_rng_state, to_train_state)
+from swamla_torch.distributed import DistEnv, Parallel, all_reduce_sum
 from swamla_torch.model import SWAMLA
 from swamla_torch.optim import build_optimizer, clip_grads_, global_grad_norm
 
@@ -57,7 +59,10 @@ EXPORT_DIR = "export"
 
 
 def export_train_state(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the portable training state of a PyTorch checkpoint (its RNG states dropped)."""
+    """Write the portable training state of a PyTorch checkpoint (its RNG states dropped); a
+    sharded one is read and written one tensor at a time."""
+    if is_sharded_checkpoint(checkpoint):
+        return to_train_state(checkpoint, out, with_rng=False)
     cfg, params, moments, meta = load_train_state(checkpoint)
     return save_train_state(out, cfg, params, moments, meta)
 
@@ -68,7 +73,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     check_resume_target(cfg.resume, latest, cfg.output_dir)
     if cfg.resume in ("none", "auto"):
         return latest if cfg.resume == "auto" else None
-    return resume_source(cfg.resume)
+    return resume_source(cfg.resume, accepts=is_checkpoint)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -125,13 +130,12 @@ class _Run:
         compute_dtype = _compute_dtype(cfg)
         if self.resume:
             self._check_resume(self.resume)
-            load_portable_tensors(raw, self.resume.params, str(self.resume.path))
         self.par: Parallel = distributed.parallelize(raw.to(env.device), cfg, env)
         self.params = [p for p in raw.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(raw.named_parameters(), cfg, env.device)
+        self.saves = Saves(env, cfg)
         if self.resume:
-            set_moments(self.optimizer, raw, self.resume.moments, cfg.optimizer_type,
-                        self.step - self.bad_total)
+            restore(self.resume, raw, self.optimizer, cfg, self.saves)
         rng = self.resume.rng if self.resume else None
         if rng is not None and len(rng) == env.world_size:
             set_rng_state(rng[env.rank], env.device)
@@ -153,7 +157,7 @@ class _Run:
         saved = resume.meta["train_config"] if self.cfg.resume == "auto" else None  # this run's
         check_resumed_state(self.cfg, str(resume.path), model=resume.model_config,
                             optimizer_type=resume.meta["optimizer_type"], step=resume.step,
-                            params=resume.params, bf16_moments=None if saved is None else
+                            params=resume.shapes, bf16_moments=None if saved is None else
                             saved.get("bf16_moments", TrainConfig.bf16_moments))
 
     def _loader(self, split: str):
@@ -229,30 +233,65 @@ class _Run:
         return eval_metrics(loss)
 
     def save(self) -> Path:
+        """Start the sharded save of this step (the previous one completed first); it is
+        written in the background and completed by ``poll_saves`` or ``wait_saves``."""
+        self.wait_saves()
         states = distributed.all_gather_objects(self.loader.state_dict(), self.env)
         try:
             path = save_checkpoint(checkpoint_dir(self.out, self.step), env=self.env,
                                    raw=self.par.raw, optimizer=self.optimizer, cfg=self.cfg,
                                    step=self.step, bad_steps=self.bad_total,
-                                   data_state=merge_states(states))
+                                   data_state=merge_states(states), saves=self.saves)
         except (OSError, CheckpointError) as e:  # e.g. a full disk; the partial save is removed
             raise save_failed(self.step, e, latest_checkpoint(self.out),
                               directory=checkpoint_dir(self.out, self.step).parent) from e
-        self._say(f"saved checkpoint {path}")
         return path
 
-    def export(self) -> tuple[Path | None, Path | None]:
-        """The end-of-run exports asked for, written by the main process once every rank
-        gathered the weights: (portable checkpoint, transformers export), None where not."""
-        tensors = {k: full_numpy(v) for k, v in self.par.raw.state_dict().items()}
+    def poll_saves(self) -> None:
+        self._saved(self.saves.poll)
+
+    def wait_saves(self) -> None:
+        self._saved(self.saves.wait)
+
+    def _saved(self, complete) -> None:
+        step = self.saves.pending_step
+        try:
+            path = complete()
+        except (OSError, CheckpointError) as e:  # the partial save is removed
+            raise save_failed(step, e, latest_checkpoint(self.out),
+                              directory=self.out / CHECKPOINT_DIR) from e
+        if path is not None:
+            self._say(f"saved checkpoint {path}")
+
+    def finish(self) -> Path | None:
+        """The run's final checkpoint (step max_iters) as a portable training state, converted
+        by the main process one tensor at a time; the other ranks are done."""
+        final = checkpoint_dir(self.out, self.step)
         if not self.env.is_main:
-            return None, None
+            return None
+        if not is_checkpoint(final) and self.resume and self.resume.step == self.step:
+            if is_train_state(self.resume.path):  # imported at max_iters: nothing trained
+                return self.resume.path
+            source = self.resume.path
+        else:
+            source = final
+        if is_sharded_checkpoint(source):
+            try:
+                to_train_state(source, final, with_rng=True)
+            except (OSError, CheckpointError) as e:  # the sharded checkpoint is kept
+                raise save_failed(self.step, e, final, directory=final.parent) from e
+            self._say(f"wrote the portable training state {final}")
+        return final
+
+    def export(self, final: Path) -> tuple[Path | None, Path | None]:
+        """The end-of-run exports asked for, read by the main process from the portable final
+        checkpoint: (portable checkpoint, transformers export), None where not."""
         portable = hf = None
         kept, weights = latest_checkpoint(self.out), 4 * self.n_params  # float32 exports
         if self.cfg.export_portable:
             with end_of_run_write("portable export", self.out / EXPORT_DIR, self.cfg, kept,
                                   needed_bytes=weights):
-                portable = save_portable(tensors, self.cfg.model, self.out / EXPORT_DIR)
+                portable = copy_portable(final, self.out / EXPORT_DIR)
             self._say(f"exported portable checkpoint {portable}")
         if wants_hf_export(self.cfg):
             from swamla.hub import EXPORT_HF_DIR
@@ -260,7 +299,7 @@ class _Run:
 
             with end_of_run_write("transformers export", self.out / EXPORT_HF_DIR, self.cfg, kept,
                                   needed_bytes=weights):
-                hf = export_run(self.cfg, tensors, self.out)
+                hf = export_run(self.cfg, load_portable(final)[1], self.out)
             self._say(f"wrote the transformers export {hf}")
         return portable, hf
 
@@ -297,6 +336,7 @@ class _Run:
             while self.step < cfg.max_iters:
                 loss, norm, stop = self._train_step()
                 self.step += 1
+                self.poll_saves()
                 window["steps"] += 1
                 window["norm"] = norm
                 if math.isfinite(loss) and math.isfinite(norm):
@@ -308,6 +348,7 @@ class _Run:
                     self._say(skipped_step_message(self.step, loss, norm, in_a_row,
                                                    self.bad_total, cfg.max_bad_steps))
                     if in_a_row >= cfg.max_bad_steps:
+                        self.wait_saves()  # the checkpoint named is complete
                         raise TrainingError(too_many_skipped_message(
                             in_a_row, cfg.max_bad_steps, self.step, latest_checkpoint(self.out)))
                 bar.update(1, {"loss": loss})
@@ -331,6 +372,7 @@ class _Run:
             if not stopped_early:
                 if last_saved != self.step:  # resumed at max_iters: nothing new to save
                     checkpoint = self.save()
+            self.wait_saves()
         finally:
             bar.close()
             logger.close()
@@ -343,9 +385,10 @@ class _Run:
                     plot = plot_metrics(logger.path, self.out / PLOT_FILE)
             except ValueError as e:  # no loss recorded yet (e.g. resumed at max_iters)
                 self._say(f"no plot: {e}")
+        final = None if stopped_early else self.finish()
         # after the plot: a push that fails (TrainingError) leaves every local file written
-        if not stopped_early and (cfg.export_portable or wants_hf_export(cfg)):
-            export, export_hf = self.export()
+        if final is not None and (cfg.export_portable or wants_hf_export(cfg)):
+            export, export_hf = self.export(final)
         return run_result(step=self.step, skipped_steps=self.bad_total, train=last,
                           evaluation=last_eval, stopped_early=stopped_early,
                           checkpoint=checkpoint, export=export, export_hf=export_hf,
