@@ -255,7 +255,7 @@ def test_torch_document_flex_matches_reference_in_bf16_on_gpu(window):
     out = document_attention(q, k, v, segs, pos, 0.1, window, 4)
     ref = attention(*(x.float() for x in (q, k, v)), scale=0.1, window=window, sink=4,
                     documents=(segs, pos))
-    assert _rel(out.detach().cpu(), ref.detach().cpu()) < 2e-2
+    assert _rel(out.detach().float().cpu(), ref.detach().cpu()) < 2e-2  # numpy has no bf16
     d_out = torch.randn_like(out)
     g16 = torch.autograd.grad(out, (q, k, v), d_out)
     g32 = torch.autograd.grad(ref, (q, k, v), d_out.float())
