@@ -371,10 +371,14 @@ def write_failure(error: BaseException, where: str | Path, needed_bytes: int | N
     if number is None:
         lines = str(error).strip().splitlines() or [type(error).__name__]
         reason = lines[0] if len(lines[0]) <= 300 else "..." + lines[0][-300:]
-        return f"{type(error).__name__}: {reason}"
-    reason = f"{os.strerror(number)} (errno {number})"
-    if number not in DISK_FULL_ERRNOS:
-        return reason
+        reason = f"{type(error).__name__}: {reason}"
+        if not _torch_write_failed(error):
+            return reason
+        reason += " (torch.save could not write a file: a full disk or a file-size limit)"
+    else:
+        reason = f"{os.strerror(number)} (errno {number})"
+        if number not in DISK_FULL_ERRNOS:
+            return reason
     probe = Path(where)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -383,9 +387,15 @@ def write_failure(error: BaseException, where: str | Path, needed_bytes: int | N
     return f"{reason}: {need}{_size(free)} free there"
 
 
+def _torch_write_failed(error: BaseException) -> bool:
+    """torch.save's zip writer reports a write the OS refused (a full disk) without the errno."""
+    text = str(error)
+    return "unexpected pos" in text or "PytorchStreamWriter failed writing" in text
+
+
 def _fix(error: BaseException) -> str:
-    return ("free space (or point --output_dir elsewhere)" if _errno_of(error) in DISK_FULL_ERRNOS
-            else "fix that")
+    full = _errno_of(error) in DISK_FULL_ERRNOS or _torch_write_failed(error)
+    return "free space (or point --output_dir elsewhere)" if full else "fix that"
 
 
 def save_failed(step: int | None, error: BaseException, last_good: Any, *,

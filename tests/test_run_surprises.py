@@ -162,22 +162,24 @@ def test_a_full_disk_at_a_pytorch_checkpoint_is_one_line(shards, tmp_path, monke
 
     def second_save_on_a_full_disk(*args, **kwargs):
         saves.append(1)
-        if len(saves) == 2:
+        if len(saves) == 2:  # until the run ends: the shards are written in the background
             resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))
-        try:
-            return save(*args, **kwargs)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        return save(*args, **kwargs)
 
     out, argv = tmp_path / "run", flags(shards, tmp_path / "run", "--max_iters", "3",
                                         "--save_interval", "1", "--no-export_portable")
     monkeypatch.setattr(module, "save_checkpoint", second_save_on_a_full_disk)
-    assert main(argv, backend="torch") == 1
+    try:
+        assert main(argv, backend="torch") == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     err = capsys.readouterr().err
     ckpts = out / "checkpoints"
+    # torch.save, inside DCP, loses the OS's errno: its zip writer reports the short write
     assert err.count("\n") == 1 and re.fullmatch(
-        rf"error: could not save the checkpoint of step 2 in {ckpts}: File too large \(errno 27\): "
-        rf"it needs about [\d.]+ MiB, [\d.]+ [MG]iB free there\. The last good checkpoint, "
+        rf"error: could not save the checkpoint of step 2 in {ckpts}: .* \(torch.save could not "
+        rf"write a file: a full disk or a file-size limit\): it needs about [\d.]+ [KM]iB, "
+        rf"[\d.]+ [MG]iB free there\..* The last good checkpoint, "
         rf"{ckpts / 'step_00000001'}, is intact: free space \(or point --output_dir elsewhere\) "
         r"and resume with --resume auto\n", err), err
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001"]
@@ -186,7 +188,7 @@ def test_a_full_disk_at_a_pytorch_checkpoint_is_one_line(shards, tmp_path, monke
     assert sorted(p.name for p in ckpts.iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
 
 
-EXPORT_WRITER = {"jax": "save_pretrained", "torch": "save_portable"}
+EXPORT_WRITER = {"jax": "save_pretrained", "torch": "copy_portable"}
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -167,9 +167,9 @@ def test_full_disk_during_an_async_save(shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(filesystem.FileSystemWriter, "write_data", disk_full_at_step_4)
     cfg = make_cfg(shards, tmp_path / "run", save_interval=2, eval_interval=100)
-    with pytest.raises(TrainingError, match=r"^could not save the checkpoint of step 4: could not "
-                       r"write .*step_00000004: rank 0: \[Errno 28\] No space left on device\. "
-                       r".*The last good checkpoint, .*step_00000002, is intact"):
+    with pytest.raises(TrainingError, match=r"^could not save the checkpoint of step 4 in "
+                       r".*checkpoints: .*No space left on device.* The last good checkpoint, "
+                       r".*step_00000002, is intact"):
         train(cfg)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "step_00000002"]
