@@ -306,4 +306,12 @@ def test_resume_takes_the_same_forms_in_both_trainers(shards, runs, backend, tmp
     torch_ckpts = runs["torch"] / "checkpoints"
     for form in (runs["torch"], torch_ckpts, torch_ckpts / "step_00000002"):
         assert resume_source(str(form)) == torch_ckpts / "step_00000002"
-    assert resume_source(str(torch_ckpts / "step_00000001")) == torch_ckpts / "step_00000001"
+    # a mid-run PyTorch checkpoint is sharded: the PyTorch trainer resumes it, JAX names the export
+    from swamla_torch.checkpoint import is_checkpoint
+
+    sharded = torch_ckpts / "step_00000001"
+    assert resume_source(str(sharded), accepts=is_checkpoint) == sharded
+    with pytest.raises(ConfigError, match=rf"is a sharded PyTorch checkpoint, which only the "
+                       rf"PyTorch trainer reads: make a training state of it with python -m "
+                       rf"swamla.train_state export-torch {sharded} STATE"):
+        resume_source(str(sharded))

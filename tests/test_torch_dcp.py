@@ -210,8 +210,8 @@ def test_a_failed_conversion_keeps_the_sharded_final_checkpoint(shards, tmp_path
 
     monkeypatch.setattr(train_mod, "to_train_state", full_disk)
     cfg = make_cfg(shards, tmp_path / "run", max_iters=2, save_interval=100, eval_interval=100)
-    with pytest.raises(TrainingError, match=r"checkpoint of step 2: \[Errno 28\] No space .* The "
-                       r"last good checkpoint, .*step_00000002, is intact"):
+    with pytest.raises(TrainingError, match=r"checkpoint of step 2 in .*: No space left on device "
+                       r"\(errno 28\).* The last good checkpoint, .*step_00000002, is intact"):
         train(cfg)
     assert load_checkpoint(step_dir(tmp_path / "run", 2)).step == 2
 
