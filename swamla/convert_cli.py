@@ -23,10 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from swamla.config import ModelConfig
 from swamla.hf_files import is_hf_export, load_hf_export
 from swamla.portable import (TORCH_SUFFIXES, CheckpointError, check_destination,
                              detect_format, is_jax_checkpoint, is_torch_checkpoint,
-                             is_weights_checkpoint, load_portable, save_portable, torch_run_steps)
+                             is_sharded_torch_checkpoint, is_weights_checkpoint, load_portable,
+                             save_portable, torch_run_steps)
 
 # What --to writes: (its name in messages, how to recognize one that --overwrite may replace).
 WRITTEN = {"portable": ("portable checkpoint", is_weights_checkpoint),
@@ -55,7 +57,13 @@ def read_tensors(path: Path):
     if fmt == "hf":
         return load_hf_export(path)
     if fmt == "torch-run":
-        return load_portable(torch_run_steps(path)[-1])
+        newest = torch_run_steps(path)[-1]
+        if not is_sharded_torch_checkpoint(newest):
+            return load_portable(newest)
+        from swamla_torch.checkpoint import sharded_reader  # DCP: only for a sharded one
+
+        shapes, read = sharded_reader(newest)
+        return ModelConfig.load_saved(newest / "config.json"), {name: read(name) for name in shapes}
     if fmt == "jax-run":
         from swamla_jax.convert import to_portable_tensors
         from swamla_jax.train import restore_latest

@@ -498,10 +498,21 @@ def detect_format(path: Path) -> str:
         "checkpoint is read)")
 
 
+# The file a complete sharded PyTorch checkpoint holds, written last (swamla_torch.checkpoint).
+TORCH_SHARDED_MARKER = "checkpoint.json"
+
+
+def is_sharded_torch_checkpoint(path: str | Path) -> bool:
+    """A complete sharded (torch.distributed.checkpoint) PyTorch training checkpoint."""
+    return (Path(path) / TORCH_SHARDED_MARKER).is_file()
+
+
 def torch_run_steps(run_dir: Path) -> list[Path]:
-    """A PyTorch run's checkpoints (portable directories ``step_N``), oldest first."""
+    """A PyTorch run's checkpoints ``step_N`` (sharded, or portable training states), oldest
+    first."""
     return sorted(p for p in (Path(run_dir) / "checkpoints").iterdir()
-                  if p.name.startswith("step_") and is_portable_checkpoint(p))
+                  if p.name.startswith("step_")
+                  and (is_portable_checkpoint(p) or is_sharded_torch_checkpoint(p)))
 
 
 def is_jax_checkpoint(path: str | Path) -> bool:

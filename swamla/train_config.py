@@ -507,6 +507,7 @@ def resume_source(resume: str, accepts=None) -> Path:
     run's final checkpoint, export-jax's or export-torch's output) by default; the PyTorch
     trainer also takes its sharded checkpoints. What it cannot take gets the export that makes a
     training state of it: JAX's Orbax checkpoints, and for JAX a sharded PyTorch checkpoint."""
+    from swamla.portable import is_sharded_torch_checkpoint
     from swamla.train_state import is_train_state  # safetensors: only when resuming
 
     accepts = accepts or is_train_state
@@ -518,7 +519,7 @@ def resume_source(resume: str, accepts=None) -> Path:
     states = [p for p in children if not p.name.startswith(".") and accepts(p)]
     if states:  # step_00000004 (PyTorch) and any name ending in its step: the newest step
         return max(states, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
-    sharded = [p for p in [path] + children if (p / TORCH_SHARDED_MARKER).is_file()]
+    sharded = [p for p in [path] + children if is_sharded_torch_checkpoint(p)]
     if sharded:
         newest = max(sharded, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
         raise ConfigError(
@@ -535,10 +536,6 @@ def resume_source(resume: str, accepts=None) -> Path:
                       "trainer_state.json: a PyTorch run's final checkpoint or the output of "
                       "python -m swamla.train_state export-jax / export-torch), a PyTorch "
                       "checkpoint, nor a run's output_dir holding such checkpoints")
-
-
-# The file a complete sharded PyTorch checkpoint holds (swamla_torch.checkpoint.MARKER_NAME).
-TORCH_SHARDED_MARKER = "checkpoint.json"
 
 
 def _jax_run_of(path: Path) -> Path | None:

@@ -42,9 +42,10 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from swamla.config import ModelConfig
-from swamla.portable import (CheckpointError, CheckpointWriteError, publish_directory,
+from swamla.portable import (TORCH_SHARDED_MARKER, CheckpointError, CheckpointWriteError,
+                             publish_directory,
                              temporary_directory)
-from swamla.train_config import TORCH_SHARDED_MARKER, TrainConfig
+from swamla.train_config import TrainConfig
 from swamla.train_state import (check_meta, is_train_state, load_train_state, moment_keys,
                                 write_train_state)
 from swamla_torch.distributed import (DistEnv, all_gather_objects, checkpoint_group, like_param)

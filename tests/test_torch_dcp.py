@@ -194,6 +194,17 @@ def test_portable_state_and_old_checkpoints(shards, tmp_path):
     for name, value in {**params, **moments}.items():
         np.testing.assert_array_equal(value, read(name), err_msg=name)
     assert np.abs(moments["transformer.wte.weight.exp_avg_sq"]).sum() > 0
+    # a run directory whose newest checkpoint is sharded (mid-run): swamla-convert reads it
+    from swamla.convert_cli import read_tensors
+
+    midrun = tmp_path / "midrun"
+    shutil.copytree(tmp_path / "straight", midrun)
+    shutil.rmtree(step_dir(midrun, 6))
+    newest = sharded_reader(step_dir(midrun, 4))[1]
+    model, tensors = read_tensors(midrun)
+    assert model == straight.model and set(tensors) == set(shapes)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, newest(name), err_msg=name)
     # an old run: its checkpoint is a portable training state with rng.pt
     old = tmp_path / "old"
     old.mkdir()
