@@ -169,7 +169,8 @@ def format_metrics(step: int, metrics: Mapping[str, Any], max_iters: int | None 
             parts.append(fmt(metrics[key]))
     for key, value in metrics.items():
         if key not in _CONSOLE and value is not None and not isinstance(value, str):
-            parts.append(f"{key} {float(value):.4g}")
+            exact = isinstance(value, int) or float(value).is_integer()  # counts, e.g. tokens
+            parts.append(f"{key} {int(value):,}" if exact else f"{key} {float(value):.4g}")
     return " | ".join(parts)
 
 

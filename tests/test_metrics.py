@@ -283,3 +283,10 @@ def test_import_installs_no_handler():
     before = signal.getsignal(signal.SIGTERM)
     importlib.reload(swamla.signals)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_console_line_prints_counts_whole():
+    from swamla.metrics import format_metrics
+
+    line = format_metrics(5, {"tokens[shards/web]": 14208.0, "ratio": 0.25})
+    assert "tokens[shards/web] 14,208" in line and "ratio 0.25" in line
