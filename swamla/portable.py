@@ -429,6 +429,59 @@ REWRITE_HINT = ("write it again from its source (re-export or re-convert); a tra
                 "cannot be repaired: resume from an earlier one")
 
 
+def open_safetensors(paths: Sequence[Path], hint: str
+                     ) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+    """(every tensor's shape, ``read(name)`` -> that tensor as float32) of safetensors files,
+    opened without reading any tensor: a reader that holds one tensor at a time (a rank of a
+    sharded run resuming from a portable state). Checked as :func:`read_safetensors` checks."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, Path] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    if part.get_dtype() not in ("F32", "BF16"):
+                        raise CheckpointError(
+                            f"{path}: tensors must be float32 or bfloat16 (SPEC section 7), got "
+                            f"{name} ({part.get_dtype()}). Was it written by another tool? {hint}")
+                    if name in owner:
+                        raise CheckpointError(f"tensor {name} appears in more than one shard")
+                    shapes[name], owner[name] = tuple(part.get_shape()), path
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is truncated or corrupt ({e}): {hint}") from e
+
+    def read(name: str) -> np.ndarray:
+        try:
+            with safe_open(str(owner[name]), framework="numpy") as f:
+                return np.asarray(f.get_tensor(name), dtype=np.float32)
+        except SafetensorError as e:
+            raise CheckpointError(f"{owner[name]} is truncated or corrupt ({e}): {hint}") from e
+
+    return shapes, read
+
+
+def weight_shards(directory: Path) -> list[Path]:
+    """The safetensors files of a portable checkpoint: ``model.safetensors`` or its shards."""
+    if (directory / INDEX_NAME).is_file():
+        files = [directory / name for name in _shard_files(directory / INDEX_NAME)]
+    elif (directory / WEIGHTS_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    else:
+        raise CheckpointError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is listed in {INDEX_NAME} but does not exist")
+    return files
+
+
+def shape_views(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Zero-stride float32 arrays of these shapes (no memory): what shape checks take."""
+    return {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+
+
 def read_safetensors(path: Path, hint: str) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file, which must all be float32 or bfloat16 (SPEC section
     7). A truncated or corrupt file is a CheckpointError naming it, with ``hint`` (the fix)."""

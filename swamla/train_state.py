@@ -42,9 +42,10 @@ from safetensors.numpy import save_file
 
 from swamla.config import ConfigError, ModelConfig
 from swamla.layout import expected_shapes
-from swamla.portable import (CheckpointError, _abbrev, atomic_directory, check_destination,
-                             check_tensors, load_portable, read_safetensors, write_portable,
-                             write_portable_streamed, write_safetensors_streamed)
+from swamla.portable import (CONFIG_NAME, REWRITE_HINT, CheckpointError, _abbrev,
+                             atomic_directory, check_destination, check_tensors, load_portable,
+                             open_safetensors, read_safetensors, shape_views, weight_shards,
+                             write_portable, write_portable_streamed, write_safetensors_streamed)
 
 FORMAT = "swamla-train-state"
 VERSION = 1
@@ -194,10 +195,48 @@ def write_train_state(directory: str | Path, cfg: ModelConfig, meta: Mapping[str
     return Path(directory)
 
 
+def open_train_state(directory: str | Path
+                     ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, np.ndarray],
+                                Callable[[str], np.ndarray], dict]:
+    """(model config, params, moments, ``read(name)`` -> a param or moment as float32, meta) of
+    a training state, checked as :func:`load_train_state` checks it but without reading a tensor:
+    params and moments are zero-stride views of their shapes, and a rank resuming from the state
+    holds one tensor at a time."""
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    try:
+        cfg = ModelConfig.load_saved(directory / CONFIG_NAME)
+    except (ConfigError, OSError) as e:
+        raise CheckpointError(f"{directory}: {e}") from e
+    if not (directory / OPTIMIZER_NAME).is_file():
+        raise TrainStateError(f"{directory} has no {OPTIMIZER_NAME}")
+    params, read_param = open_safetensors(weight_shards(directory), REWRITE_HINT)
+    moments, read_moment = open_safetensors([directory / OPTIMIZER_NAME], "the optimizer state "
+                                            "is lost with it: resume from an earlier checkpoint")
+    param_views, moment_views = shape_views(params), shape_views(moments)
+    check_tensors(param_views, cfg, str(directory))
+    check_moments(moment_views, param_views, meta["optimizer_type"], str(directory))
+    return cfg, param_views, moment_views, (
+        lambda name: read_param(name) if name in params else read_moment(name)), meta
+
+
 def load_train_state(directory: str | Path
                      ) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, np.ndarray], dict]:
     """(model config, float32 params, float32 moments, meta) of a training state, all checked."""
     directory = Path(directory)
+    meta = _read_meta(directory)
+    cfg, params = load_portable(directory)
+    if not (directory / OPTIMIZER_NAME).is_file():
+        raise TrainStateError(f"{directory} has no {OPTIMIZER_NAME}")
+    moments = read_safetensors(directory / OPTIMIZER_NAME, "the optimizer state is lost with it: "
+                               "resume from an earlier checkpoint")
+    check_moments(moments, params, meta["optimizer_type"], str(directory))
+    as32 = lambda d: {k: np.asarray(v, dtype=np.float32) for k, v in d.items()}  # noqa: E731
+    return cfg, as32(params), as32(moments), meta
+
+
+def _read_meta(directory: Path) -> dict:
+    """trainer_state.json of a training state directory, checked."""
     if not directory.is_dir():
         raise TrainStateError(f"training state {directory} does not exist")
     if not is_train_state(directory):
@@ -213,15 +252,7 @@ def load_train_state(directory: str | Path
     if raw.get("format") != FORMAT:
         raise TrainStateError(f"{directory / STATE_NAME}: format is {raw.get('format')!r}, "
                               f"expected {FORMAT!r}")
-    meta = check_meta(raw, str(directory / STATE_NAME))
-    cfg, params = load_portable(directory)
-    if not (directory / OPTIMIZER_NAME).is_file():
-        raise TrainStateError(f"{directory} has no {OPTIMIZER_NAME}")
-    moments = read_safetensors(directory / OPTIMIZER_NAME, "the optimizer state is lost with it: "
-                               "resume from an earlier checkpoint")
-    check_moments(moments, params, meta["optimizer_type"], str(directory))
-    as32 = lambda d: {k: np.asarray(v, dtype=np.float32) for k, v in d.items()}  # noqa: E731
-    return cfg, as32(params), as32(moments), meta
+    return check_meta(raw, str(directory / STATE_NAME))
 
 
 def describe(directory: str | Path) -> str:

@@ -46,7 +46,7 @@ from swamla.portable import (TORCH_SHARDED_MARKER, CheckpointError, CheckpointWr
                              publish_directory,
                              temporary_directory)
 from swamla.train_config import TrainConfig
-from swamla.train_state import (check_meta, is_train_state, load_train_state, moment_keys,
+from swamla.train_state import (check_meta, is_train_state, moment_keys, open_train_state,
                                 write_train_state)
 from swamla_torch.distributed import (DistEnv, all_gather_objects, checkpoint_group, like_param)
 from swamla_torch.model import SWAMLA
@@ -303,7 +303,7 @@ def to_train_state(checkpoint: str | Path, out: str | Path, *, with_rng: bool) -
 @dataclasses.dataclass
 class Resume:
     """What a run continues from: a checkpoint of this trainer or any portable training state.
-    ``params``/``moments``: float32 host arrays of a portable state; None for a sharded
+    ``read``: one tensor of a portable state at a time, as float32; None for a sharded
     checkpoint, whose tensors each rank loads straight into its shards (``restore``)."""
 
     path: Path
@@ -311,8 +311,7 @@ class Resume:
     meta: dict[str, Any]
     rng: list | None  # per-rank torch RNG states; None for a state from another framework
     shapes: dict[str, Any]  # parameter name -> shape, for the checks before loading
-    params: dict[str, np.ndarray] | None = None
-    moments: dict[str, np.ndarray] | None = None
+    read: Callable[[str], np.ndarray] | None = None  # a portable state's tensor by name
 
     @property
     def step(self) -> int:
@@ -321,13 +320,12 @@ class Resume:
 
 def load_checkpoint(path: str | Path) -> Resume:
     path = Path(path)
+    read = None
     if is_sharded_checkpoint(path):
         model_cfg, meta = _sharded_meta(path)
         shapes = {k: torch.empty(s, device="meta") for k, s in sharded_reader(path)[0].items()}
-        params = moments = None
-    else:
-        model_cfg, params, moments, meta = load_train_state(path)
-        shapes = params
+    else:  # tensor by tensor: no rank holds the whole state
+        model_cfg, shapes, _, read, meta = open_train_state(path)
     rng = None
     if (path / RNG_NAME).is_file():
         try:
@@ -336,7 +334,7 @@ def load_checkpoint(path: str | Path) -> Resume:
             raise CheckpointError(f"{path / RNG_NAME} is truncated or corrupt ({e}): resume from "
                                   "an earlier checkpoint, or delete it to resume with fresh RNG "
                                   "states (dropout then differs from an uninterrupted run)") from e
-    return Resume(path, model_cfg, meta, rng, shapes, params, moments)
+    return Resume(path, model_cfg, meta, rng, shapes, read)
 
 
 @torch.no_grad()
@@ -346,11 +344,9 @@ def restore(resume: Resume, raw: SWAMLA, optimizer: torch.optim.Optimizer, cfg: 
     updates = resume.step - resume.meta["bad_steps"]
     init_moments(optimizer, raw, cfg.optimizer_type, updates)
     tensors = _live_tensors(raw, optimizer, cfg.optimizer_type)
-    if resume.params is None:  # DCP reads each rank's shards of the saved layout
+    if resume.read is None:  # DCP reads each rank's shards of the saved layout
         dcp.load(tensors, checkpoint_id=resume.path, process_group=saves.group,
                  no_dist=saves.env.world_size == 1)
         return
-    saved = {**resume.params, **resume.moments}
-    for key, t in tensors.items():
-        name = key.split(".", 1)[1]
-        t.copy_(like_param(saved[name], t, t.dtype))
+    for key, t in tensors.items():  # one full tensor in host memory at a time
+        t.copy_(like_param(resume.read(key.split(".", 1)[1]), t, t.dtype))

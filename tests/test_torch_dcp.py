@@ -238,3 +238,24 @@ def test_checkpoint_benchmark_runs_on_cpu(tmp_path, capsys):
     assert result["per_rank"][0]["complete_s"] >= result["per_rank"][0]["blocked_s"] > 0
     assert ts.is_train_state(tmp_path / "ckpt" / "portable")
     assert "| rank | blocked s |" in capsys.readouterr().out
+
+
+def test_a_portable_state_is_resumed_one_tensor_at_a_time(shards, tmp_path):
+    """Resuming from a portable training state (another framework's, or an old checkpoint)
+    opens it without reading a tensor, checks its shapes, and reads each tensor on demand."""
+    cfg = make_cfg(shards, tmp_path / "run", max_iters=2, save_interval=100, eval_interval=100)
+    train(cfg)
+    state = step_dir(tmp_path / "run", 2)
+    resume = load_checkpoint(state)
+    _, params, moments, _ = ts.load_train_state(state)
+    opened = ts.open_train_state(state)
+    assert set(resume.shapes) == set(params) and set(opened[2]) == set(moments)
+    views = {**opened[1], **opened[2]}
+    assert all(v.strides == (0,) * v.ndim for v in views.values())  # no tensor read
+    assert {k: v.shape for k, v in views.items()} == {
+        k: v.shape for k, v in {**params, **moments}.items()}
+    for name, value in {**params, **moments}.items():
+        np.testing.assert_array_equal(resume.read(name), value, err_msg=name)
+    (state / "optimizer.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ts.CheckpointError, match="optimizer.safetensors is truncated or corrupt"):
+        load_checkpoint(state)
