@@ -21,7 +21,11 @@ MFU (``swamla.flops.mfu``) = 6 * n_params * tokens/s per GPU / peak, where n_par
 ``swamla.layout.count_params`` (the true count, tied embedding counted once; attention
 score/value matmuls not counted) and peak is one card's dense bf16 datasheet peak from
 ``swamla.flops.peak_flops`` (989e12 FLOP/s for H100 SXM and H200). FP8 cases are measured
-against the same bf16 peak. CPUs and unknown cards have no peak: MFU n/a.
+against the same bf16 peak. CPUs and unknown cards have no peak: MFU n/a. ``MFU+attn``
+(``swamla.flops.mfu_with_attention``, PaLM's definition) adds the attention score and value
+matmuls, counting for each query only the keys it sees: (T + 1) / 2 on average in MLA blocks,
+its window and sink in SWA blocks. It is the figure to compare across sequence lengths: the
+headline 6N MFU must fall as T grows, since MLA attention is quadratic.
 
 The exit status is 1 when any case failed (its row and the last line say which), else 0.
 """
@@ -278,29 +282,35 @@ def run_case(case: str, batch: int, steps: int, remat: str, compile_model: bool)
     fn = run_jax if framework == "jax" else run_torch
     kwargs = {} if framework == "jax" else {"compile_model": compile_model}
     r = fn(preset, seq, b, dtype, steps, remat, extra, devices=devices, **kwargs)
-    from swamla.flops import mfu, peak_flops
+    from swamla.flops import mfu, mfu_with_attention, peak_flops
+    from swamla.train_config import parse_args
 
     tok_s = r["rows"] * seq / r["step_s"]
     per_gpu = tok_s / devices
+    peak = peak_flops(r["device"])
+    model = parse_args(_train_flags(preset, seq, b, dtype, remat, extra)).model
     return dict(case=case, framework=framework, preset=preset, seq=seq, dtype=dtype, batch=b,
                 devices=devices, remat=remat, tokens_per_s=tok_s, tokens_per_s_per_gpu=per_gpu,
-                mfu=mfu(r["n_params"], per_gpu, peak_flops(r["device"])), **r)
+                mfu=mfu(r["n_params"], per_gpu, peak),
+                mfu_attention=mfu_with_attention(model, per_gpu, peak, seq), **r)
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | GPUs | batch/GPU | tokens/s | tokens/s/GPU | MFU | step ms | peak GiB | "
-            "compile s | FP8 GEMMs | loss |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| case | GPUs | batch/GPU | tokens/s | tokens/s/GPU | MFU | MFU+attn | step ms | "
+            "peak GiB | compile s | FP8 GEMMs | loss |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         if "error" in r:  # the whole message, as one table cell
             error = " ".join(r["error"].split()).replace("|", "\\|")
-            lines.append(f"| {r['case']} | | | failed: {error} | | | | | | | |")
+            lines.append(f"| {r['case']} | | | failed: {error} | | | | | | | | |")
             continue
         mfu_s = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a"
+        attn_s = f"{100 * r['mfu_attention']:.1f}%" if r.get("mfu_attention") else "n/a"
         fp8 = r["fp8_gemms"] if r["fp8_gemms"] is not None else "-"
         lines.append(f"| {r['case']} | {r['devices']} | {r['batch']} | "
                      f"{r['tokens_per_s'] / 1e3:.1f}K | {r['tokens_per_s_per_gpu'] / 1e3:.1f}K | "
-                     f"{mfu_s} | {1e3 * r['step_s']:.1f} | {r['peak_gib']:.1f} | "
+                     f"{mfu_s} | {attn_s} | {1e3 * r['step_s']:.1f} | {r['peak_gib']:.1f} | "
                      f"{r['compile_s']:.0f} | {fp8} | {r['loss']:.3f} |")
     return head + "\n".join(lines) + "\n"
 

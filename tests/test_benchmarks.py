@@ -16,6 +16,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_passes  # noqa: E402
 import bench_train  # noqa: E402
 import profile_step  # noqa: E402
+from swamla.config import load_preset  # noqa: E402
+from swamla.flops import attention_flops_per_token  # noqa: E402
+from swamla.layout import count_params  # noqa: E402
 
 
 def test_cases_parse_and_bad_cases_say_how():
@@ -84,10 +87,10 @@ def test_exit_status_says_whether_every_case_ran(tmp_path, monkeypatch, capsys):
                              "--out", out]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: 1 of 2 cases failed: torch:tinyy:64:bf16 (see their rows above)"
-    # the whole message in the table, its '|' escaped so the row keeps its 11 columns
+    # the whole message in the table, its '|' escaped so the row keeps its 12 columns
     (row,) = [line for line in md.read_text().splitlines() if "tinyy" in line]
     assert error.replace("|", "\\|") in row
-    assert row.replace("\\|", "").count("|") == 12
+    assert row.replace("\\|", "").count("|") == 13
 
 
 def test_the_mfu_the_docstring_states_is_the_one_computed(monkeypatch):
@@ -106,6 +109,10 @@ def test_the_mfu_the_docstring_states_is_the_one_computed(monkeypatch):
         per_gpu = 8 * 2048 / 0.5
         assert r["tokens_per_s_per_gpu"] == per_gpu
         assert r["mfu"] == pytest.approx(6 * 100_000_000 * per_gpu / 989e12)
+        model = load_preset("small", block_size=2048)
+        attention = attention_flops_per_token(model, 2048)
+        assert attention > 0 and r["mfu_attention"] == pytest.approx(
+            (6 * count_params(model) + attention) * per_gpu / 989e12)
 
 
 def test_a_torch_case_times_the_model_the_trainer_builds():
