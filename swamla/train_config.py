@@ -518,10 +518,10 @@ def resume_source(resume: str, accepts=None) -> Path:
     children = sorted(folder.iterdir()) if folder.is_dir() else []
     states = [p for p in children if not p.name.startswith(".") and accepts(p)]
     if states:  # step_00000004 (PyTorch) and any name ending in its step: the newest step
-        return max(states, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+        return max(states, key=_step_of)
     sharded = [p for p in [path] + children if is_sharded_torch_checkpoint(p)]
     if sharded:
-        newest = max(sharded, key=lambda p: int((re.findall(r"\d+", p.name) or ["-1"])[-1]))
+        newest = max(sharded, key=_step_of)
         raise ConfigError(
             f"resume={resume!r} is a sharded PyTorch checkpoint, which only the PyTorch trainer "
             f"reads: make a training state of it with python -m swamla.train_state export-torch "
@@ -536,6 +536,11 @@ def resume_source(resume: str, accepts=None) -> Path:
                       "trainer_state.json: a PyTorch run's final checkpoint or the output of "
                       "python -m swamla.train_state export-jax / export-torch), a PyTorch "
                       "checkpoint, nor a run's output_dir holding such checkpoints")
+
+
+def _step_of(path: Path) -> int:
+    """The step a checkpoint directory's name ends in (``step_00000004``, ``4``), else -1."""
+    return int((re.findall(r"\d+", path.name) or ["-1"])[-1])
 
 
 def _jax_run_of(path: Path) -> Path | None:
